@@ -1,0 +1,6 @@
+//! roamsync: multi-device sync and message roaming for instant messaging.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod ids;
+pub mod model;

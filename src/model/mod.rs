@@ -1,0 +1,2 @@
+//! The conversation data model on Automerge documents. Sans-IO.
+pub mod hlc;
