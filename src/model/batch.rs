@@ -1,0 +1,231 @@
+//! Change batches: the opaque unit of sync between replicas.
+//!
+//! A batch carries Automerge changes of one document. Encoded, it is the plaintext that the
+//! envelope layer seals; the relay never sees it.
+//!
+//! Layout (all integers big-endian):
+//!
+//! ```text
+//! u8   format version (1)
+//! u8   document kind: 0 account, 1 meta, 2 segment
+//! [32] account id            (kind 0)
+//! [16] conversation id       (kinds 1, 2)
+//! u32  segment number        (kind 2)
+//! u32  number of changes n
+//! n × (u32 length, bytes)    Automerge change chunks
+//! ```
+
+use automerge::Change;
+
+use crate::ids::{AccountId, ConversationId, DocAddr};
+use crate::model::doc::device_of;
+use crate::model::limits::{MAX_BATCH_BYTES, MAX_BATCH_CHANGES};
+
+/// The batch format this code writes and reads.
+pub const BATCH_VERSION: u8 = 1;
+
+/// Changes of one document, ready to send or to apply.
+#[derive(Clone, Debug)]
+pub struct ChangeBatch {
+    /// The document the changes belong to.
+    pub addr: DocAddr,
+    /// Automerge changes, each checked (checksum, 32-byte device actor) when decoded.
+    pub changes: Vec<Change>,
+}
+
+/// Why bytes are not a batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchError {
+    /// The input ended early.
+    #[error("batch truncated: need {need} more bytes at offset {offset}")]
+    Truncated {
+        /// Where the read started.
+        offset: usize,
+        /// Bytes missing.
+        need: usize,
+    },
+    /// The batch is larger than allowed.
+    #[error("batch is {len} bytes, the limit is {max}")]
+    TooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Too many changes.
+    #[error("batch claims {count} changes, the limit is {max}")]
+    TooManyChanges {
+        /// The claimed count.
+        count: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// A format version this code does not read.
+    #[error("batch format version {0} is not supported")]
+    UnsupportedVersion(u8),
+    /// An unknown document kind.
+    #[error("unknown document kind {0}")]
+    UnknownDocKind(u8),
+    /// A change chunk Automerge cannot parse.
+    #[error("change {index} is not a valid Automerge change: {reason}")]
+    BadChange {
+        /// Its position in the batch.
+        index: usize,
+        /// Automerge's reason.
+        reason: String,
+    },
+    /// A change whose actor is not a device.
+    #[error("change {index} has a {len}-byte actor, a device actor is 32")]
+    BadActor {
+        /// Its position in the batch.
+        index: usize,
+        /// The actor's length.
+        len: usize,
+    },
+    /// Bytes left after the last change.
+    #[error("{0} bytes after the end of the batch")]
+    TrailingBytes(usize),
+}
+
+impl ChangeBatch {
+    /// Encodes the batch; the length of the result is [`ChangeBatch::encoded_len`].
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.push(BATCH_VERSION);
+        match self.addr {
+            DocAddr::Account(a) => {
+                out.push(0);
+                out.extend_from_slice(a.as_bytes());
+            }
+            DocAddr::Meta(c) => {
+                out.push(1);
+                out.extend_from_slice(c.as_bytes());
+            }
+            DocAddr::Segment(c, n) => {
+                out.push(2);
+                out.extend_from_slice(c.as_bytes());
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&(self.changes.len() as u32).to_be_bytes());
+        for change in &self.changes {
+            let raw = change.raw_bytes();
+            out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+            out.extend_from_slice(raw);
+        }
+        out
+    }
+
+    /// The exact length of [`ChangeBatch::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
+        let addr = match self.addr {
+            DocAddr::Account(_) => 32,
+            DocAddr::Meta(_) => 16,
+            DocAddr::Segment(..) => 20,
+        };
+        2 + addr
+            + 4
+            + self
+                .changes
+                .iter()
+                .map(|c| 4 + c.raw_bytes().len())
+                .sum::<usize>()
+    }
+
+    /// Decodes and checks a batch. Never panics; every defect is a [`BatchError`].
+    pub fn decode(bytes: &[u8]) -> Result<ChangeBatch, BatchError> {
+        if bytes.len() > MAX_BATCH_BYTES {
+            return Err(BatchError::TooLarge {
+                len: bytes.len(),
+                max: MAX_BATCH_BYTES,
+            });
+        }
+        let mut r = Reader { bytes, pos: 0 };
+        let version = r.u8()?;
+        if version != BATCH_VERSION {
+            return Err(BatchError::UnsupportedVersion(version));
+        }
+        let addr = match r.u8()? {
+            0 => DocAddr::Account(AccountId::from_bytes(r.array()?)),
+            1 => DocAddr::Meta(ConversationId::from_bytes(r.array()?)),
+            2 => {
+                let c = ConversationId::from_bytes(r.array()?);
+                DocAddr::Segment(c, r.u32()?)
+            }
+            k => return Err(BatchError::UnknownDocKind(k)),
+        };
+        let count = r.u32()? as usize;
+        if count > MAX_BATCH_CHANGES {
+            return Err(BatchError::TooManyChanges {
+                count: count as u64,
+                max: MAX_BATCH_CHANGES,
+            });
+        }
+        // Each change needs at least its 4-byte length: a count the input cannot hold is a
+        // truncation, found before anything is allocated for it.
+        if count.saturating_mul(4) > r.remaining() {
+            return Err(BatchError::Truncated {
+                offset: r.pos,
+                need: count * 4 - r.remaining(),
+            });
+        }
+        let mut changes = Vec::with_capacity(count);
+        for index in 0..count {
+            let len = r.u32()? as usize;
+            let raw = r.take(len)?;
+            let change = Change::from_bytes(raw.to_vec()).map_err(|e| BatchError::BadChange {
+                index,
+                reason: e.to_string(),
+            })?;
+            if device_of(change.actor_id()).is_err() {
+                return Err(BatchError::BadActor {
+                    index,
+                    len: change.actor_id().to_bytes().len(),
+                });
+            }
+            changes.push(change);
+        }
+        if r.remaining() > 0 {
+            return Err(BatchError::TrailingBytes(r.remaining()));
+        }
+        Ok(ChangeBatch { addr, changes })
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BatchError> {
+        if n > self.remaining() {
+            return Err(BatchError::Truncated {
+                offset: self.pos,
+                need: n - self.remaining(),
+            });
+        }
+        let out = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, BatchError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, BatchError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], BatchError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+}

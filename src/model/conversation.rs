@@ -1,0 +1,318 @@
+//! A conversation: one meta document and the segment documents that hold its messages.
+//!
+//! The meta document has only flat keys at its root, so concurrent writers never create the same
+//! object twice:
+//!
+//! ```text
+//! "title":              str
+//! "created":            uint   HLC of creation
+//! "member/<account>":   uint   HLC at which the account was added; deleted on removal
+//! "setting/<name>":     str
+//! "seg/<8 hex>":        str    segment n exists; the key of the message that opened it
+//! ```
+//!
+//! **Roll-over.** A device writes into the highest-numbered segment it knows. When that segment
+//! holds `cap` messages in its view, it opens the next number: it writes `seg/<n+1>` into the meta
+//! document and starts the segment document `Segment(conversation, n+1)`. Two devices that roll
+//! over concurrently pick the same number and write into the same document, which is the same
+//! document because its address is derived from (conversation, n); the segment root is never
+//! created (it exists in every Automerge document) and each message map is created by its author
+//! alone, so the merge is clean. A segment can therefore exceed `cap` by what offline devices
+//! wrote into it concurrently, never more.
+//!
+//! **Reading.** Key ranges of segments may overlap (an offline device keeps writing into an older
+//! segment), so a page merges segments in the order of their newest key below the cursor and stops
+//! as soon as no remaining segment can hold a key newer than the page's oldest.
+
+use std::collections::BTreeMap;
+
+use automerge::{ReadDoc, ScalarValue, ScalarValueRef, Value, ValueRef, transaction::Transactable};
+
+use crate::ids::{AccountId, ConversationId, DeviceId, DocAddr, MessageKey};
+use crate::model::doc::SyncedDoc;
+use crate::model::error::ModelError;
+use crate::model::hlc::Hlc;
+use crate::model::message::{self, Draft, Message};
+use crate::model::segment::Segment;
+
+const TITLE: &str = "title";
+const CREATED: &str = "created";
+const MEMBER_PREFIX: &str = "member/";
+const SETTING_PREFIX: &str = "setting/";
+const SEGMENT_PREFIX: &str = "seg/";
+
+/// The meta document and the segments of one conversation.
+#[derive(Debug)]
+pub struct Conversation {
+    id: ConversationId,
+    me: DeviceId,
+    meta: SyncedDoc,
+    segments: BTreeMap<u32, Segment>,
+}
+
+impl Conversation {
+    /// A conversation this replica knows nothing of yet.
+    pub fn empty(id: ConversationId, me: DeviceId) -> Conversation {
+        Conversation {
+            id,
+            me,
+            meta: SyncedDoc::new(DocAddr::Meta(id), me),
+            segments: BTreeMap::new(),
+        }
+    }
+
+    /// Writes the initial meta state of a new conversation.
+    pub fn create(
+        &mut self,
+        at: Hlc,
+        title: &str,
+        members: &[AccountId],
+    ) -> Result<(), ModelError> {
+        self.meta.write(|tx| {
+            tx.put(automerge::ROOT, TITLE, title)?;
+            tx.put(automerge::ROOT, CREATED, ScalarValue::Uint(at.as_u64()))?;
+            for m in members {
+                tx.put(
+                    automerge::ROOT,
+                    member_key(m),
+                    ScalarValue::Uint(at.as_u64()),
+                )?;
+            }
+            tx.put(automerge::ROOT, segment_key(0), "")?;
+            Ok(())
+        })
+    }
+
+    /// The conversation id.
+    pub fn id(&self) -> ConversationId {
+        self.id
+    }
+
+    /// The meta document.
+    pub fn meta(&self) -> &SyncedDoc {
+        &self.meta
+    }
+
+    /// The meta document, for writing and applying.
+    pub fn meta_mut(&mut self) -> &mut SyncedDoc {
+        &mut self.meta
+    }
+
+    /// Whether the meta document has arrived (its creation is known).
+    pub fn has_meta(&self) -> bool {
+        self.created().is_some()
+    }
+
+    /// When it was created, once the meta document has arrived.
+    pub fn created(&self) -> Option<Hlc> {
+        match self.meta.doc().get(automerge::ROOT, CREATED).ok()?? {
+            (Value::Scalar(s), _) => match s.as_ref() {
+                ScalarValue::Uint(n) => Some(Hlc::from_u64(*n)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The title.
+    pub fn title(&self) -> String {
+        message::string(self.meta.doc(), &automerge::ROOT, TITLE).unwrap_or_default()
+    }
+
+    /// Current member accounts, in id order.
+    pub fn members(&self) -> Vec<AccountId> {
+        let doc = self.meta.doc();
+        doc.map_range(automerge::ROOT, prefix_range(MEMBER_PREFIX))
+            .filter_map(|item| AccountId::parse_hex(&item.key[MEMBER_PREFIX.len()..]).ok())
+            .collect()
+    }
+
+    /// Whether `account` is a current member.
+    pub fn is_member(&self, account: &AccountId) -> bool {
+        matches!(
+            self.meta.doc().get(automerge::ROOT, member_key(account)),
+            Ok(Some(_))
+        )
+    }
+
+    /// Settings, in name order.
+    pub fn settings(&self) -> Vec<(String, String)> {
+        let doc = self.meta.doc();
+        doc.map_range(automerge::ROOT, prefix_range(SETTING_PREFIX))
+            .filter_map(|item| match item.value {
+                ValueRef::Scalar(ScalarValueRef::Str(v)) => {
+                    Some((item.key[SETTING_PREFIX.len()..].to_string(), v.to_string()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Writes to the meta document.
+    pub fn write_meta(
+        &mut self,
+        f: impl FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), ModelError>,
+    ) -> Result<(), ModelError> {
+        self.meta.write(f)
+    }
+
+    /// Segment numbers listed in the meta index.
+    pub fn indexed_segments(&self) -> Vec<u32> {
+        self.meta
+            .doc()
+            .map_range(automerge::ROOT, prefix_range(SEGMENT_PREFIX))
+            .filter_map(|item| {
+                let hex = &item.key[SEGMENT_PREFIX.len()..];
+                (hex.len() == 8)
+                    .then(|| u32::from_str_radix(hex, 16).ok())
+                    .flatten()
+            })
+            .collect()
+    }
+
+    /// The segment a new message goes to, opening the next one when the current one is full.
+    fn writable_segment(&mut self, cap: usize, opener: &MessageKey) -> Result<u32, ModelError> {
+        let indexed = self.indexed_segments().into_iter().max();
+        let held = self.segments.keys().next_back().copied();
+        let current = indexed.max(held).unwrap_or(0);
+        let full = self.segments.get(&current).is_some_and(|s| s.len() >= cap);
+        let n = if full { current + 1 } else { current };
+        if indexed.is_none_or(|i| i < n) {
+            let opened = opener.encode();
+            self.meta.write(|tx| {
+                tx.put(automerge::ROOT, segment_key(n), opened)?;
+                Ok(())
+            })?;
+        }
+        Ok(n)
+    }
+
+    /// A segment, created empty if this replica does not hold it yet.
+    pub fn segment_mut(&mut self, n: u32) -> &mut Segment {
+        let (id, me) = (self.id, self.me);
+        self.segments
+            .entry(n)
+            .or_insert_with(|| Segment::new(id, n, me))
+    }
+
+    /// A held segment.
+    pub fn segment(&self, n: u32) -> Option<&Segment> {
+        self.segments.get(&n)
+    }
+
+    /// Held segments in number order.
+    pub fn segments(&self) -> impl Iterator<Item = &Segment> {
+        self.segments.values()
+    }
+
+    /// Installs a segment loaded elsewhere.
+    pub fn insert_segment(&mut self, segment: Segment) {
+        self.segments.insert(segment.number(), segment);
+    }
+
+    /// Writes a new message; returns the segment it went to.
+    pub fn send(
+        &mut self,
+        cap: usize,
+        key: MessageKey,
+        author: &AccountId,
+        draft: &Draft,
+    ) -> Result<u32, ModelError> {
+        let n = self.writable_segment(cap, &key)?;
+        let segment = self.segment_mut(n);
+        segment
+            .doc_mut()
+            .write(|tx| message::write_new(tx, &key, author, draft))?;
+        segment.note_local(key);
+        Ok(n)
+    }
+
+    /// The segment holding the message at `key`.
+    pub fn locate(&self, key: &MessageKey) -> Option<u32> {
+        self.segments
+            .values()
+            .find(|s| {
+                s.min_key().is_some_and(|lo| lo <= *key)
+                    && s.max_key().is_some_and(|hi| *key <= hi)
+                    && s.contains(key)
+            })
+            .map(Segment::number)
+    }
+
+    /// Reads one message.
+    pub fn message(&self, key: &MessageKey) -> Option<Message> {
+        let n = self.locate(key)?;
+        self.segments.get(&n)?.message(self.id, key)
+    }
+
+    /// Up to `limit` keys strictly before `before` for which `visible` holds, newest first, with
+    /// the segment of each.
+    pub fn page_keys(
+        &self,
+        before: Option<MessageKey>,
+        limit: usize,
+        visible: impl Fn(&MessageKey) -> bool,
+    ) -> Vec<(MessageKey, u32)> {
+        // Each segment's newest key below the cursor, newest first.
+        let mut order: Vec<(MessageKey, &Segment)> = self
+            .segments
+            .values()
+            .filter_map(|s| s.keys_before(before, 1).first().map(|k| (*k, s)))
+            .collect();
+        order.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut page: Vec<(MessageKey, u32)> = Vec::with_capacity(limit);
+        for (top, segment) in order {
+            if page.len() >= limit && page.last().is_some_and(|(oldest, _)| top < *oldest) {
+                break;
+            }
+            let mut added = 0;
+            for key in segment.keys_before(before, segment.len()).iter().rev() {
+                if added >= limit {
+                    break;
+                }
+                if visible(key) {
+                    page.push((*key, segment.number()));
+                    added += 1;
+                }
+            }
+            page.sort_by(|a, b| b.0.cmp(&a.0));
+            page.truncate(limit);
+        }
+        page
+    }
+
+    /// Whether any message is older than `key` (visible or not).
+    pub fn has_older(&self, key: &MessageKey) -> bool {
+        self.segments
+            .values()
+            .any(|s| s.min_key().is_some_and(|lo| lo < *key))
+    }
+
+    /// Keys strictly after `after`, across segments, unsorted, with their segment.
+    pub fn keys_after(&self, after: MessageKey) -> impl Iterator<Item = (MessageKey, &Segment)> {
+        self.segments
+            .values()
+            .filter(move |s| s.max_key().is_some_and(|hi| hi > after))
+            .flat_map(move |s| s.keys_after(after).iter().map(move |k| (*k, s)))
+    }
+}
+
+pub(crate) fn member_key(account: &AccountId) -> String {
+    format!("{MEMBER_PREFIX}{account}")
+}
+
+pub(crate) fn setting_key(name: &str) -> String {
+    format!("{SETTING_PREFIX}{name}")
+}
+
+fn segment_key(n: u32) -> String {
+    format!("{SEGMENT_PREFIX}{n:08x}")
+}
+
+/// The range of map keys that start with `prefix` (which must end in '/': '0' follows '/').
+pub(crate) fn prefix_range(prefix: &str) -> std::ops::Range<String> {
+    debug_assert!(prefix.ends_with('/'));
+    let mut end = prefix[..prefix.len() - 1].to_string();
+    end.push('0');
+    prefix.to_string()..end
+}

@@ -1,0 +1,62 @@
+//! What queries return.
+
+use crate::ids::{ConversationId, MessageId, MessageKey};
+use crate::model::hlc::Hlc;
+use crate::model::message::Message;
+
+/// A position in a conversation's history: a page asks for messages strictly before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cursor(pub(crate) MessageKey);
+
+impl Cursor {
+    /// The position just before `id`: a page from here starts with the message before it.
+    pub fn before(id: &MessageId) -> Cursor {
+        Cursor(id.key())
+    }
+
+    /// The position after every message: the newest page.
+    pub fn latest() -> Option<Cursor> {
+        None
+    }
+
+    /// The key the cursor points at.
+    pub fn key(&self) -> MessageKey {
+        self.0
+    }
+}
+
+/// One page of history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// Messages in conversation order (oldest first).
+    pub messages: Vec<Message>,
+    /// Where the page before this one starts, if there are older messages.
+    pub next: Option<Cursor>,
+}
+
+/// One line of the conversation list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationSummary {
+    /// The conversation.
+    pub id: ConversationId,
+    /// Its title.
+    pub title: String,
+    /// Number of current members.
+    pub member_count: usize,
+    /// Whether this account is still a member.
+    pub is_member: bool,
+    /// Pinned by this account.
+    pub pinned: bool,
+    /// Muted by this account.
+    pub muted: bool,
+    /// Archived by this account.
+    pub archived: bool,
+    /// This account's draft.
+    pub draft: Option<String>,
+    /// The newest message not hidden by this account.
+    pub last_message: Option<Message>,
+    /// Time of the newest visible message, or of creation.
+    pub last_activity: Hlc,
+    /// Unread messages (see [`crate::model::Replica::unread_count`]).
+    pub unread: u64,
+}

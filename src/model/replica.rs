@@ -1,0 +1,713 @@
+//! A replica: everything one device holds of its account's data, with the operations an app calls,
+//! the queries it reads, and the sync surface a transport drives.
+//!
+//! Sans-IO: every call that needs the time takes `now_ms`; nothing here reads a clock, touches the
+//! network or the disk, or draws randomness.
+
+use std::collections::BTreeMap;
+
+use automerge::{ChangeHash, ScalarValue, transaction::Transactable};
+
+use crate::ids::{AccountId, ConversationId, DeviceId, DocAddr, MessageId, MessageKey};
+use crate::model::account::{AccountDoc, ListFlag};
+use crate::model::batch::ChangeBatch;
+use crate::model::conversation::{Conversation, member_key, setting_key};
+use crate::model::doc::{DocApply, SyncedDoc, VersionVector};
+use crate::model::error::ModelError;
+use crate::model::hlc::{HlcError, HybridClock, MAX_CLOCK_SKEW_MS};
+use crate::model::limits::*;
+use crate::model::message::{self, Draft, Message, check_len, check_reaction};
+use crate::model::query::{ConversationSummary, Cursor, Page};
+
+/// Tunables of the data model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// Messages per segment before a device opens the next one.
+    pub segment_cap: usize,
+    /// How far ahead of local time a received timestamp may be.
+    pub max_clock_skew_ms: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            segment_cap: DEFAULT_SEGMENT_CAP,
+            max_clock_skew_ms: MAX_CLOCK_SKEW_MS,
+        }
+    }
+}
+
+/// What applying remote batches did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// Per document: changes applied, duplicates ignored, changes still waiting.
+    pub docs: Vec<(DocAddr, DocApply)>,
+    /// Messages that appeared, per conversation, in conversation order.
+    pub new_messages: Vec<(ConversationId, MessageId)>,
+    /// Documents whose batch was refused, and why. Other documents were still applied.
+    pub rejected: Vec<(DocAddr, ModelError)>,
+    /// Messages stamped too far in the future: they are shown (every replica must show the same
+    /// state), but the local clock did not follow them.
+    pub clock_skew: Vec<(MessageId, HlcError)>,
+}
+
+/// One device's replica of its account's documents and conversations.
+#[derive(Debug)]
+pub struct Replica {
+    account: AccountId,
+    device: DeviceId,
+    config: ModelConfig,
+    clock: HybridClock,
+    account_doc: AccountDoc,
+    conversations: BTreeMap<ConversationId, Conversation>,
+}
+
+impl Replica {
+    /// An empty replica for `device` of `account`.
+    pub fn new(
+        account: AccountId,
+        device: DeviceId,
+        config: ModelConfig,
+    ) -> Result<Replica, ModelError> {
+        if !(MIN_SEGMENT_CAP..=MAX_SEGMENT_CAP).contains(&config.segment_cap) {
+            return Err(ModelError::BadConfig {
+                field: "segment_cap",
+                value: config.segment_cap,
+                min: MIN_SEGMENT_CAP,
+                max: MAX_SEGMENT_CAP,
+            });
+        }
+        Ok(Replica {
+            account,
+            device,
+            config,
+            clock: HybridClock::new(config.max_clock_skew_ms),
+            account_doc: AccountDoc::new(account, device),
+            conversations: BTreeMap::new(),
+        })
+    }
+
+    /// This replica's account.
+    pub fn account(&self) -> AccountId {
+        self.account
+    }
+
+    /// This replica's device.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> ModelConfig {
+        self.config
+    }
+
+    /// The device clock.
+    pub fn clock(&self) -> &HybridClock {
+        &self.clock
+    }
+
+    /// The device clock, to resume it after a restart.
+    pub fn clock_mut(&mut self) -> &mut HybridClock {
+        &mut self.clock
+    }
+
+    // ---- conversations -------------------------------------------------------------------
+
+    /// Creates a conversation with this account and `others` as members.
+    pub fn create_conversation(
+        &mut self,
+        now_ms: u64,
+        title: &str,
+        others: &[AccountId],
+    ) -> Result<ConversationId, ModelError> {
+        check_len("title", title, MAX_TITLE_BYTES)?;
+        let mut members: Vec<AccountId> = others.to_vec();
+        members.push(self.account);
+        members.sort();
+        members.dedup();
+        if members.len() > MAX_MEMBERS {
+            return Err(ModelError::TooLarge {
+                field: "members",
+                len: members.len(),
+                max: MAX_MEMBERS,
+            });
+        }
+        let at = self.clock.tick(now_ms)?;
+        let id = ConversationId::derive(&self.device, at);
+        if self.conversations.contains_key(&id) {
+            return Err(ModelError::ConversationExists(id));
+        }
+        let mut conversation = Conversation::empty(id, self.device);
+        conversation.create(at, title, &members)?;
+        self.conversations.insert(id, conversation);
+        Ok(id)
+    }
+
+    fn conversation(&self, id: &ConversationId) -> Result<&Conversation, ModelError> {
+        self.conversations
+            .get(id)
+            .ok_or(ModelError::UnknownConversation(*id))
+    }
+
+    /// A conversation this account is a member of, for writing.
+    fn member_conversation(
+        &mut self,
+        id: &ConversationId,
+    ) -> Result<&mut Conversation, ModelError> {
+        let account = self.account;
+        let c = self
+            .conversations
+            .get_mut(id)
+            .ok_or(ModelError::UnknownConversation(*id))?;
+        if !c.is_member(&account) {
+            return Err(ModelError::NotMember {
+                conversation: *id,
+                account,
+            });
+        }
+        Ok(c)
+    }
+
+    /// Renames a conversation.
+    pub fn set_title(
+        &mut self,
+        conversation: &ConversationId,
+        title: &str,
+    ) -> Result<(), ModelError> {
+        check_len("title", title, MAX_TITLE_BYTES)?;
+        self.member_conversation(conversation)?.write_meta(|tx| {
+            tx.put(automerge::ROOT, "title", title)?;
+            Ok(())
+        })
+    }
+
+    /// Adds a member account.
+    pub fn add_member(
+        &mut self,
+        now_ms: u64,
+        conversation: &ConversationId,
+        account: &AccountId,
+    ) -> Result<(), ModelError> {
+        let at = self.clock.tick(now_ms)?;
+        let c = self.member_conversation(conversation)?;
+        if c.is_member(account) {
+            return Ok(());
+        }
+        let count = c.members().len();
+        if count >= MAX_MEMBERS {
+            return Err(ModelError::TooLarge {
+                field: "members",
+                len: count + 1,
+                max: MAX_MEMBERS,
+            });
+        }
+        c.write_meta(|tx| {
+            tx.put(
+                automerge::ROOT,
+                member_key(account),
+                ScalarValue::Uint(at.as_u64()),
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Removes a member account (possibly this one: leaving).
+    pub fn remove_member(
+        &mut self,
+        conversation: &ConversationId,
+        account: &AccountId,
+    ) -> Result<(), ModelError> {
+        let c = self.member_conversation(conversation)?;
+        if !c.is_member(account) {
+            return Ok(());
+        }
+        c.write_meta(|tx| {
+            tx.delete(automerge::ROOT, member_key(account))?;
+            Ok(())
+        })
+    }
+
+    /// Sets a conversation setting (shared by all members).
+    pub fn set_setting(
+        &mut self,
+        conversation: &ConversationId,
+        name: &str,
+        value: &str,
+    ) -> Result<(), ModelError> {
+        if name.is_empty() {
+            return Err(ModelError::Empty {
+                field: "setting name",
+            });
+        }
+        check_len("setting name", name, MAX_SETTING_BYTES)?;
+        check_len("setting value", value, MAX_SETTING_BYTES)?;
+        self.member_conversation(conversation)?.write_meta(|tx| {
+            tx.put(automerge::ROOT, setting_key(name), value)?;
+            Ok(())
+        })
+    }
+
+    // ---- messages ------------------------------------------------------------------------
+
+    /// Sends a message. Returns its id; the message is in this replica's state when this returns.
+    /// Sending also marks everything before it as read on this device.
+    pub fn send(
+        &mut self,
+        now_ms: u64,
+        conversation: &ConversationId,
+        draft: &Draft,
+    ) -> Result<MessageId, ModelError> {
+        draft.validate()?;
+        let (account, device, cap) = (self.account, self.device, self.config.segment_cap);
+        self.member_conversation(conversation)?;
+        let hlc = self.clock.tick(now_ms)?;
+        let id = MessageId { hlc, device };
+        let c = self.member_conversation(conversation)?;
+        c.send(cap, id.key(), &account, draft)?;
+        self.account_doc
+            .advance_read(conversation, &device, id.key())?;
+        Ok(id)
+    }
+
+    /// The segment holding a message, checked to be by this account and not recalled.
+    fn own_message(
+        &mut self,
+        conversation: &ConversationId,
+        id: &MessageId,
+    ) -> Result<(&mut Conversation, u32), ModelError> {
+        let account = self.account;
+        let c = self.member_conversation(conversation)?;
+        let key = id.key();
+        let (n, msg) = c
+            .locate(&key)
+            .and_then(|n| Some((n, c.message(&key)?)))
+            .ok_or(ModelError::UnknownMessage {
+                conversation: *conversation,
+                message: *id,
+            })?;
+        if msg.author != account {
+            return Err(ModelError::NotAuthor {
+                message: *id,
+                author: msg.author,
+                caller: account,
+            });
+        }
+        if msg.recalled {
+            return Err(ModelError::Recalled(*id));
+        }
+        Ok((c, n))
+    }
+
+    /// Replaces the text of one of this account's messages.
+    pub fn edit(
+        &mut self,
+        conversation: &ConversationId,
+        id: &MessageId,
+        body: &str,
+    ) -> Result<(), ModelError> {
+        check_len("body", body, MAX_BODY_BYTES)?;
+        if body.is_empty() {
+            return Err(ModelError::Empty { field: "body" });
+        }
+        let (c, n) = self.own_message(conversation, id)?;
+        let key = id.key();
+        c.segment_mut(n).doc_mut().write(|tx| {
+            let (obj, _) = message::locate(tx, &key).ok_or(ModelError::UnknownMessage {
+                conversation: *conversation,
+                message: *id,
+            })?;
+            tx.put(&obj, message::BODY, body)?;
+            tx.put(&obj, message::EDITED, true)?;
+            Ok(())
+        })
+    }
+
+    /// Recalls (deletes for everyone) one of this account's messages: its text and attachments
+    /// are removed from the current state of every replica. Recalling twice is not an error.
+    pub fn recall(
+        &mut self,
+        conversation: &ConversationId,
+        id: &MessageId,
+    ) -> Result<(), ModelError> {
+        let (c, n) = match self.own_message(conversation, id) {
+            Err(ModelError::Recalled(_)) => return Ok(()),
+            other => other?,
+        };
+        let key = id.key();
+        c.segment_mut(n).doc_mut().write(|tx| {
+            let (obj, _) = message::locate(tx, &key).ok_or(ModelError::UnknownMessage {
+                conversation: *conversation,
+                message: *id,
+            })?;
+            tx.delete(&obj, message::BODY)?;
+            tx.delete(&obj, message::ATTACHMENTS)?;
+            tx.put(&obj, message::RECALLED, true)?;
+            Ok(())
+        })
+    }
+
+    /// Adds (`on`) or removes this account's `reaction` on a message.
+    pub fn react(
+        &mut self,
+        conversation: &ConversationId,
+        id: &MessageId,
+        reaction: &str,
+        on: bool,
+    ) -> Result<(), ModelError> {
+        check_reaction(reaction)?;
+        let account = self.account;
+        let c = self.member_conversation(conversation)?;
+        let key = id.key();
+        let missing = ModelError::UnknownMessage {
+            conversation: *conversation,
+            message: *id,
+        };
+        let n = c.locate(&key).ok_or(missing)?;
+        let msg = c.message(&key).ok_or(ModelError::UnknownMessage {
+            conversation: *conversation,
+            message: *id,
+        })?;
+        if msg.recalled && on {
+            return Err(ModelError::Recalled(*id));
+        }
+        let present = msg
+            .reactions
+            .iter()
+            .any(|r| r.reaction == reaction && r.accounts.contains(&account));
+        if present == on {
+            return Ok(());
+        }
+        let slot = message::reaction_key(&account, reaction);
+        c.segment_mut(n).doc_mut().write(|tx| {
+            let (obj, _) = message::locate(tx, &key).ok_or(ModelError::UnknownMessage {
+                conversation: *conversation,
+                message: *id,
+            })?;
+            if on {
+                tx.put(&obj, slot, true)?;
+            } else {
+                tx.delete(&obj, slot)?;
+            }
+            Ok(())
+        })
+    }
+
+    // ---- account state -------------------------------------------------------------------
+
+    /// Marks everything up to and including `upto` as read on this device.
+    pub fn mark_read(
+        &mut self,
+        conversation: &ConversationId,
+        upto: &MessageId,
+    ) -> Result<(), ModelError> {
+        self.conversation(conversation)?;
+        let device = self.device;
+        self.account_doc
+            .advance_read(conversation, &device, upto.key())
+            .map(|_| ())
+    }
+
+    /// Sets or clears (empty text) the draft of a conversation; synced to this account's devices.
+    pub fn set_draft(
+        &mut self,
+        conversation: &ConversationId,
+        text: &str,
+    ) -> Result<(), ModelError> {
+        check_len("draft", text, MAX_DRAFT_BYTES)?;
+        self.conversation(conversation)?;
+        self.account_doc.set_draft(conversation, text)
+    }
+
+    /// Pins, mutes or archives a conversation (or undoes it) on all of this account's devices.
+    pub fn set_flag(
+        &mut self,
+        conversation: &ConversationId,
+        flag: ListFlag,
+        on: bool,
+    ) -> Result<(), ModelError> {
+        self.conversation(conversation)?;
+        self.account_doc.set_flag(conversation, flag, on)
+    }
+
+    /// Hides a message on all of this account's devices ("delete for me").
+    pub fn hide_message(
+        &mut self,
+        conversation: &ConversationId,
+        id: &MessageId,
+    ) -> Result<(), ModelError> {
+        let c = self.conversation(conversation)?;
+        if c.locate(&id.key()).is_none() {
+            return Err(ModelError::UnknownMessage {
+                conversation: *conversation,
+                message: *id,
+            });
+        }
+        self.account_doc.hide(conversation, &id.key())
+    }
+
+    // ---- queries -------------------------------------------------------------------------
+
+    /// Ids of every conversation this replica holds, in id order.
+    pub fn conversation_ids(&self) -> Vec<ConversationId> {
+        self.conversations.keys().copied().collect()
+    }
+
+    /// The conversation list: pinned first, then by last activity (newest first), then by id.
+    /// Conversations whose meta document has not arrived yet are left out.
+    pub fn conversation_list(&self) -> Vec<ConversationSummary> {
+        let mut list: Vec<ConversationSummary> = self
+            .conversations
+            .values()
+            .filter(|c| c.has_meta())
+            .map(|c| self.summary(c))
+            .collect();
+        list.sort_by(|a, b| {
+            b.pinned
+                .cmp(&a.pinned)
+                .then(b.last_activity.cmp(&a.last_activity))
+                .then(a.id.cmp(&b.id))
+        });
+        list
+    }
+
+    fn summary(&self, c: &Conversation) -> ConversationSummary {
+        let id = c.id();
+        let last = c.page_keys(None, 1, |k| !self.account_doc.is_hidden(&id, k));
+        let last_message = last
+            .first()
+            .and_then(|(k, n)| c.segment(*n)?.message(id, k));
+        let created = c.created().unwrap_or_default();
+        ConversationSummary {
+            id,
+            title: c.title(),
+            member_count: c.members().len(),
+            is_member: c.is_member(&self.account),
+            pinned: self.account_doc.flag(&id, ListFlag::Pinned),
+            muted: self.account_doc.flag(&id, ListFlag::Muted),
+            archived: self.account_doc.flag(&id, ListFlag::Archived),
+            draft: self.account_doc.draft(&id),
+            last_activity: last_message
+                .as_ref()
+                .map_or(created, |m| m.id.hlc.max(created)),
+            unread: self.unread_in(c),
+            last_message,
+        }
+    }
+
+    /// One conversation's summary, as in the list.
+    pub fn conversation_summary(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<ConversationSummary, ModelError> {
+        Ok(self.summary(self.conversation(conversation)?))
+    }
+
+    /// Current members of a conversation.
+    pub fn members(&self, conversation: &ConversationId) -> Result<Vec<AccountId>, ModelError> {
+        Ok(self.conversation(conversation)?.members())
+    }
+
+    /// Settings of a conversation, in name order.
+    pub fn settings(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<Vec<(String, String)>, ModelError> {
+        Ok(self.conversation(conversation)?.settings())
+    }
+
+    /// Messages from other accounts after the account's read position that are neither recalled
+    /// nor hidden.
+    pub fn unread_count(&self, conversation: &ConversationId) -> Result<u64, ModelError> {
+        Ok(self.unread_in(self.conversation(conversation)?))
+    }
+
+    fn unread_in(&self, c: &Conversation) -> u64 {
+        let id = c.id();
+        let read = self
+            .account_doc
+            .read_position(&id)
+            .unwrap_or(MessageKey::MIN);
+        c.keys_after(read)
+            .filter(|(k, s)| {
+                !self.account_doc.is_hidden(&id, k)
+                    && message::author_and_recalled(s.doc().doc(), k)
+                        .is_some_and(|(author, recalled)| author != self.account && !recalled)
+            })
+            .count() as u64
+    }
+
+    /// The account's read position in a conversation (the furthest of its devices').
+    pub fn read_position(&self, conversation: &ConversationId) -> Option<MessageKey> {
+        self.account_doc.read_position(conversation)
+    }
+
+    /// The draft of a conversation.
+    pub fn draft(&self, conversation: &ConversationId) -> Option<String> {
+        self.account_doc.draft(conversation)
+    }
+
+    /// Up to `limit` (at most [`MAX_PAGE`]) messages older than `before` (the newest if `None`),
+    /// in conversation order, without the ones this account hid; and a cursor for the page before.
+    pub fn history(
+        &self,
+        conversation: &ConversationId,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Page, ModelError> {
+        if limit > MAX_PAGE {
+            return Err(ModelError::TooLarge {
+                field: "page limit",
+                len: limit,
+                max: MAX_PAGE,
+            });
+        }
+        let c = self.conversation(conversation)?;
+        let keys = c.page_keys(before.map(|b| b.0), limit, |k| {
+            !self.account_doc.is_hidden(conversation, k)
+        });
+        let mut messages: Vec<Message> = keys
+            .iter()
+            .filter_map(|(k, n)| c.segment(*n)?.message(*conversation, k))
+            .collect();
+        messages.reverse();
+        let next = match messages.first() {
+            Some(oldest) if keys.len() == limit && c.has_older(&oldest.id.key()) => {
+                Some(Cursor(oldest.id.key()))
+            }
+            _ => None,
+        };
+        Ok(Page { messages, next })
+    }
+
+    /// One message, hidden or not.
+    pub fn message(
+        &self,
+        conversation: &ConversationId,
+        id: &MessageId,
+    ) -> Result<Message, ModelError> {
+        let c = self.conversation(conversation)?;
+        c.message(&id.key())
+            .filter(|m| m.id == *id)
+            .ok_or(ModelError::UnknownMessage {
+                conversation: *conversation,
+                message: *id,
+            })
+    }
+
+    // ---- sync surface --------------------------------------------------------------------
+
+    /// Every document this replica holds.
+    pub fn docs(&self) -> Vec<DocAddr> {
+        let mut out = vec![DocAddr::Account(self.account)];
+        for c in self.conversations.values() {
+            out.push(DocAddr::Meta(c.id()));
+            out.extend(c.segments().map(|s| DocAddr::Segment(c.id(), s.number())));
+        }
+        out
+    }
+
+    fn synced(&self, addr: &DocAddr) -> Option<&SyncedDoc> {
+        match addr {
+            DocAddr::Account(a) if *a == self.account => Some(self.account_doc.doc()),
+            DocAddr::Account(_) => None,
+            DocAddr::Meta(c) => Some(self.conversations.get(c)?.meta()),
+            DocAddr::Segment(c, n) => Some(self.conversations.get(c)?.segment(*n)?.doc()),
+        }
+    }
+
+    /// What this replica holds of a document: {device → last sequence number}.
+    pub fn version_vector(&self, addr: &DocAddr) -> VersionVector {
+        self.synced(addr)
+            .map(SyncedDoc::version_vector)
+            .unwrap_or_default()
+    }
+
+    /// The heads of a document (empty if not held).
+    pub fn heads(&self, addr: &DocAddr) -> Vec<ChangeHash> {
+        self.synced(addr).map(SyncedDoc::heads).unwrap_or_default()
+    }
+
+    /// The changes of a document that a replica at `have` lacks, or `None` if there are none.
+    pub fn changes_since(&self, addr: &DocAddr, have: &VersionVector) -> Option<ChangeBatch> {
+        let changes = self.synced(addr)?.changes_since(have);
+        (!changes.is_empty()).then_some(ChangeBatch {
+            addr: *addr,
+            changes,
+        })
+    }
+
+    /// The changes of a document that are not ancestors of `heads`, or `None` if there are none.
+    pub fn changes_since_heads(&self, addr: &DocAddr, heads: &[ChangeHash]) -> Option<ChangeBatch> {
+        let changes = self.synced(addr)?.changes_since_heads(heads);
+        (!changes.is_empty()).then_some(ChangeBatch {
+            addr: *addr,
+            changes,
+        })
+    }
+
+    /// Applies remote batches: all the changes for one document go to Automerge in one call,
+    /// whatever the number of batches they came in. A refused document does not stop the others.
+    pub fn apply(&mut self, now_ms: u64, batches: Vec<ChangeBatch>) -> ApplyReport {
+        let mut grouped: BTreeMap<DocAddr, Vec<automerge::Change>> = BTreeMap::new();
+        for b in batches {
+            grouped.entry(b.addr).or_default().extend(b.changes);
+        }
+        let mut report = ApplyReport::default();
+        for (addr, changes) in grouped {
+            match self.apply_doc(now_ms, addr, changes, &mut report) {
+                Ok(stats) => report.docs.push((addr, stats)),
+                Err(e) => report.rejected.push((addr, e)),
+            }
+        }
+        report
+    }
+
+    fn apply_doc(
+        &mut self,
+        now_ms: u64,
+        addr: DocAddr,
+        changes: Vec<automerge::Change>,
+        report: &mut ApplyReport,
+    ) -> Result<DocApply, ModelError> {
+        let me = self.device;
+        match addr {
+            DocAddr::Account(a) => {
+                if a != self.account {
+                    return Err(ModelError::ForeignAccount {
+                        expected: self.account,
+                        got: a,
+                    });
+                }
+                self.account_doc.doc_mut().apply(changes)
+            }
+            DocAddr::Meta(c) => self
+                .conversations
+                .entry(c)
+                .or_insert_with(|| Conversation::empty(c, me))
+                .meta_mut()
+                .apply(changes),
+            DocAddr::Segment(c, n) => {
+                let conversation = self
+                    .conversations
+                    .entry(c)
+                    .or_insert_with(|| Conversation::empty(c, me));
+                let segment = conversation.segment_mut(n);
+                let stats = segment.doc_mut().apply(changes)?;
+                if stats.applied == 0 {
+                    return Ok(stats);
+                }
+                for key in segment.reindex() {
+                    let Some(m) = segment.message(c, &key) else {
+                        continue;
+                    };
+                    if let Err(e) = self.clock.observe(key.hlc, now_ms) {
+                        report.clock_skew.push((m.id, e));
+                    }
+                    report.new_messages.push((c, m.id));
+                }
+                Ok(stats)
+            }
+        }
+    }
+}

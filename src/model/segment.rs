@@ -1,0 +1,148 @@
+//! A segment: one bounded Automerge document holding a slice of a conversation's messages.
+//!
+//! Next to the document, a segment keeps a sorted index of its valid message keys. The index is
+//! derived state: it is rebuilt from the document after remote changes (a key scan, bounded by the
+//! segment cap) and extended in place on local sends. It lets a page be read backwards — Automerge's
+//! `map_range` only iterates forwards — and lets a conversation find the segments that hold a key
+//! range without opening them.
+
+use automerge::{ObjType, ReadDoc, ValueRef};
+
+use crate::ids::{ConversationId, DeviceId, DocAddr, MessageKey};
+use crate::model::doc::SyncedDoc;
+use crate::model::message::{self, Message, valid_object};
+
+/// One segment document and its key index.
+#[derive(Debug)]
+pub struct Segment {
+    number: u32,
+    doc: SyncedDoc,
+    keys: Vec<MessageKey>,
+}
+
+impl Segment {
+    /// A new, empty segment.
+    pub fn new(conversation: ConversationId, number: u32, me: DeviceId) -> Segment {
+        Segment {
+            number,
+            doc: SyncedDoc::new(DocAddr::Segment(conversation, number), me),
+            keys: Vec::new(),
+        }
+    }
+
+    /// Wraps a loaded document and builds its index.
+    pub fn from_doc(number: u32, doc: SyncedDoc) -> Segment {
+        let mut s = Segment {
+            number,
+            doc,
+            keys: Vec::new(),
+        };
+        s.reindex();
+        s
+    }
+
+    /// The segment number.
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// The document.
+    pub fn doc(&self) -> &SyncedDoc {
+        &self.doc
+    }
+
+    /// The document, for writing and applying.
+    pub fn doc_mut(&mut self) -> &mut SyncedDoc {
+        &mut self.doc
+    }
+
+    /// Number of valid messages.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the segment holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The smallest key, if any.
+    pub fn min_key(&self) -> Option<MessageKey> {
+        self.keys.first().copied()
+    }
+
+    /// The largest key, if any.
+    pub fn max_key(&self) -> Option<MessageKey> {
+        self.keys.last().copied()
+    }
+
+    /// Whether `key` is a valid message of this segment.
+    pub fn contains(&self, key: &MessageKey) -> bool {
+        self.keys.binary_search(key).is_ok()
+    }
+
+    /// Records a key written locally.
+    pub fn note_local(&mut self, key: MessageKey) {
+        if let Err(at) = self.keys.binary_search(&key) {
+            self.keys.insert(at, key);
+        }
+    }
+
+    /// Rebuilds the key index from the document and returns the keys that are new.
+    pub fn reindex(&mut self) -> Vec<MessageKey> {
+        let doc = self.doc.doc();
+        let mut keys = Vec::with_capacity(self.keys.len() + 16);
+        for item in doc.map_range(automerge::ROOT, ..) {
+            let Some(key) = MessageKey::decode(&item.key) else {
+                continue;
+            };
+            if valid_object(
+                &key,
+                matches!(item.value, ValueRef::Object(ObjType::Map)),
+                &item.id(),
+            )
+            .is_some()
+            {
+                keys.push(key);
+            }
+        }
+        let added = sorted_difference(&keys, &self.keys);
+        self.keys = keys;
+        added
+    }
+
+    /// Up to `limit` keys strictly before `before` (all keys if `None`), newest last.
+    pub fn keys_before(&self, before: Option<MessageKey>, limit: usize) -> &[MessageKey] {
+        let end = match before {
+            Some(b) => self.keys.partition_point(|k| *k < b),
+            None => self.keys.len(),
+        };
+        &self.keys[end.saturating_sub(limit)..end]
+    }
+
+    /// Keys strictly after `after`.
+    pub fn keys_after(&self, after: MessageKey) -> &[MessageKey] {
+        let start = self.keys.partition_point(|k| *k <= after);
+        &self.keys[start..]
+    }
+
+    /// Reads one message.
+    pub fn message(&self, conversation: ConversationId, key: &MessageKey) -> Option<Message> {
+        message::read(self.doc.doc(), conversation, key)
+    }
+}
+
+/// Elements of sorted `a` that are not in sorted `b`.
+fn sorted_difference(a: &[MessageKey], b: &[MessageKey]) -> Vec<MessageKey> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for k in a {
+        while j < b.len() && b[j] < *k {
+            j += 1;
+        }
+        if j >= b.len() || b[j] != *k {
+            out.push(*k);
+        }
+    }
+    out
+}
