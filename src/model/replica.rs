@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use automerge::{ChangeHash, ScalarValue, transaction::Transactable};
+use automerge::{ChangeHash, ReadDoc, ScalarValue, transaction::Transactable};
 
 use crate::ids::{AccountId, ConversationId, DeviceId, DocAddr, MessageId, MessageKey};
 use crate::model::account::{AccountDoc, ListFlag};
@@ -340,8 +340,12 @@ impl Replica {
                 conversation: *conversation,
                 message: *id,
             })?;
-            tx.delete(&obj, message::BODY)?;
-            tx.delete(&obj, message::ATTACHMENTS)?;
+            // Deleting an absent key would still write an operation: delete only what is there.
+            for field in [message::BODY, message::ATTACHMENTS] {
+                if tx.get(&obj, field)?.is_some() {
+                    tx.delete(&obj, field)?;
+                }
+            }
             tx.put(&obj, message::RECALLED, true)?;
             Ok(())
         })
