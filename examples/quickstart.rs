@@ -12,7 +12,8 @@ use roamsync::model::{ChangeBatch, Draft, ListFlag, ModelConfig, Replica};
 fn device(account: AccountId, n: u8) -> Replica {
     let mut id = [n; 32];
     id[31] = 0x5a;
-    Replica::new(account, DeviceId::from_bytes(id), ModelConfig::default()).expect("default config is valid")
+    Replica::new(account, DeviceId::from_bytes(id), ModelConfig::default())
+        .expect("default config is valid")
 }
 
 /// Sends `from` everything `to` may hold and lacks, as encoded batches. Account documents only
@@ -67,10 +68,20 @@ fn show(name: &str, r: &Replica) {
             c.unread,
             c.draft.unwrap_or_default()
         );
-        let page = r.history(&c.id, None, 50).expect("listed conversation exists");
+        let page = r
+            .history(&c.id, None, 50)
+            .expect("listed conversation exists");
         for m in page.messages {
-            let who = if m.author == r.account() { "me " } else { "them" };
-            let body = if m.recalled { "(recalled)".to_string() } else { m.body.unwrap_or_default() };
+            let who = if m.author == r.account() {
+                "me "
+            } else {
+                "them"
+            };
+            let body = if m.recalled {
+                "(recalled)".to_string()
+            } else {
+                m.body.unwrap_or_default()
+            };
             let mut notes = Vec::new();
             if m.edited {
                 notes.push("edited".to_string());
@@ -78,7 +89,14 @@ fn show(name: &str, r: &Replica) {
             for rx in &m.reactions {
                 notes.push(format!("{}×{}", rx.reaction, rx.accounts.len()));
             }
-            println!("      {who}: {body} {}", if notes.is_empty() { String::new() } else { format!("[{}]", notes.join(", ")) });
+            println!(
+                "      {who}: {body} {}",
+                if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!("[{}]", notes.join(", "))
+                }
+            );
         }
     }
 }
@@ -92,13 +110,22 @@ fn main() {
     let mut now = 1_700_000_000_000u64;
 
     println!("1. Alice creates a chat with Bob on her phone and says hello.");
-    let chat = alice_phone.create_conversation(now, "Alice & Bob", &[bob]).unwrap();
-    let hello = alice_phone.send(now + 1, &chat, &Draft::text("Hi Bob! Lunch tomorow?")).unwrap();
+    let chat = alice_phone
+        .create_conversation(now, "Alice & Bob", &[bob])
+        .unwrap();
+    let hello = alice_phone
+        .send(now + 1, &chat, &Draft::text("Hi Bob! Lunch tomorow?"))
+        .unwrap();
     now += 10;
-    sync_all(&mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone], now);
+    sync_all(
+        &mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone],
+        now,
+    );
 
     println!("2. Alice fixes the typo from her laptop; Bob reacts and answers.");
-    alice_laptop.edit(&chat, &hello, "Hi Bob! Lunch tomorrow?").unwrap();
+    alice_laptop
+        .edit(&chat, &hello, "Hi Bob! Lunch tomorrow?")
+        .unwrap();
     bob_phone.react(&chat, &hello, "👍", true).unwrap();
     let answer = Draft {
         reply_to: Some(hello),
@@ -106,26 +133,50 @@ fn main() {
     };
     let reply = bob_phone.send(now + 2, &chat, &answer).unwrap();
     now += 10;
-    sync_all(&mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone], now);
-    println!("   unread on Alice's phone before reading: {}", alice_phone.unread_count(&chat).unwrap());
+    sync_all(
+        &mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone],
+        now,
+    );
+    println!(
+        "   unread on Alice's phone before reading: {}",
+        alice_phone.unread_count(&chat).unwrap()
+    );
 
     println!("3. Alice reads on her phone, pins the chat and starts a draft; the laptop follows.");
     alice_phone.mark_read(&chat, &reply).unwrap();
     alice_phone.set_flag(&chat, ListFlag::Pinned, true).unwrap();
     alice_phone.set_draft(&chat, "Can I bring a fri").unwrap();
     now += 10;
-    sync_all(&mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone], now);
+    sync_all(
+        &mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone],
+        now,
+    );
 
-    println!("4. The laptop goes offline. Bob posts by mistake, recalls it, writes again; the laptop writes too.");
-    let oops = bob_phone.send(now + 1, &chat, &Draft::text("wrong chat, ignore")).unwrap();
+    println!(
+        "4. The laptop goes offline. Bob posts by mistake, recalls it, writes again; the laptop writes too."
+    );
+    let oops = bob_phone
+        .send(now + 1, &chat, &Draft::text("wrong chat, ignore"))
+        .unwrap();
     bob_phone.recall(&chat, &oops).unwrap();
-    bob_phone.send(now + 2, &chat, &Draft::text("See you!")).unwrap();
-    alice_laptop.send(now + 3, &chat, &Draft::text("(written offline on the laptop)")).unwrap();
+    bob_phone
+        .send(now + 2, &chat, &Draft::text("See you!"))
+        .unwrap();
+    alice_laptop
+        .send(
+            now + 3,
+            &chat,
+            &Draft::text("(written offline on the laptop)"),
+        )
+        .unwrap();
     now += 10;
     sync_all(&mut [&mut alice_phone, &mut bob_phone], now);
 
     println!("5. The laptop comes back and everything converges.");
-    let bytes = sync_all(&mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone], now + 10);
+    let bytes = sync_all(
+        &mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone],
+        now + 10,
+    );
     println!("   ({bytes} bytes of change batches exchanged in the final round)\n");
 
     show("Alice's phone", &alice_phone);
@@ -134,7 +185,15 @@ fn main() {
 
     let list = |r: &Replica| r.conversation_list();
     let page = |r: &Replica| r.history(&chat, None, 50).unwrap().messages;
-    assert_eq!(list(&alice_phone), list(&alice_laptop), "Alice's devices agree");
-    assert_eq!(page(&alice_phone), page(&bob_phone), "both accounts see the same history");
+    assert_eq!(
+        list(&alice_phone),
+        list(&alice_laptop),
+        "Alice's devices agree"
+    );
+    assert_eq!(
+        page(&alice_phone),
+        page(&bob_phone),
+        "both accounts see the same history"
+    );
     println!("\nAll devices converged.");
 }

@@ -183,6 +183,51 @@ impl DocAddr {
         DocId(*h.finalize().as_bytes())
     }
 
+    /// Length of the encoded form: a kind byte, then the ids.
+    pub fn encoded_len(&self) -> usize {
+        1 + match self {
+            DocAddr::Account(_) => AccountId::LEN,
+            DocAddr::Meta(_) => ConversationId::LEN,
+            DocAddr::Segment(..) => ConversationId::LEN + 4,
+        }
+    }
+
+    /// Appends the encoded form: `u8 kind (0 account, 1 meta, 2 segment) | id | [u32 BE segment]`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        match self {
+            DocAddr::Account(a) => {
+                out.push(0);
+                out.extend_from_slice(a.as_bytes());
+            }
+            DocAddr::Meta(c) => {
+                out.push(1);
+                out.extend_from_slice(c.as_bytes());
+            }
+            DocAddr::Segment(c, n) => {
+                out.push(2);
+                out.extend_from_slice(c.as_bytes());
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+        }
+    }
+
+    /// Decodes [`DocAddr::encode_into`]'s output from the start of `bytes`; returns the address
+    /// and the bytes it used.
+    pub fn decode_prefix(bytes: &[u8]) -> Result<(DocAddr, usize), DocAddrError> {
+        let (&kind, rest) = bytes.split_first().ok_or(DocAddrError::Truncated)?;
+        let addr = match kind {
+            0 => DocAddr::Account(AccountId(take(rest)?)),
+            1 => DocAddr::Meta(ConversationId(take(rest)?)),
+            2 => {
+                let c = ConversationId(take(rest)?);
+                let n: [u8; 4] = take(&rest[ConversationId::LEN..])?;
+                DocAddr::Segment(c, u32::from_be_bytes(n))
+            }
+            k => return Err(DocAddrError::UnknownKind(k)),
+        };
+        Ok((addr, addr.encoded_len()))
+    }
+
     /// The conversation this document belongs to, if any.
     pub fn conversation(&self) -> Option<ConversationId> {
         match self {
@@ -190,6 +235,26 @@ impl DocAddr {
             DocAddr::Meta(c) | DocAddr::Segment(c, _) => Some(*c),
         }
     }
+}
+
+/// Why bytes are not a [`DocAddr`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DocAddrError {
+    /// The input ended inside the address.
+    #[error("document address truncated")]
+    Truncated,
+    /// An unknown document kind byte.
+    #[error("unknown document kind {0}")]
+    UnknownKind(u8),
+}
+
+/// The first `N` bytes of `bytes`.
+fn take<const N: usize>(bytes: &[u8]) -> Result<[u8; N], DocAddrError> {
+    bytes
+        .get(..N)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(DocAddrError::Truncated)
 }
 
 /// A message: the HLC timestamp its author device gave it, and that device.

@@ -17,7 +17,7 @@
 
 use automerge::Change;
 
-use crate::ids::{AccountId, ConversationId, DocAddr};
+use crate::ids::{DocAddr, DocAddrError};
 use crate::model::doc::device_of;
 use crate::model::limits::{MAX_BATCH_BYTES, MAX_BATCH_CHANGES};
 
@@ -93,21 +93,7 @@ impl ChangeBatch {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
         out.push(BATCH_VERSION);
-        match self.addr {
-            DocAddr::Account(a) => {
-                out.push(0);
-                out.extend_from_slice(a.as_bytes());
-            }
-            DocAddr::Meta(c) => {
-                out.push(1);
-                out.extend_from_slice(c.as_bytes());
-            }
-            DocAddr::Segment(c, n) => {
-                out.push(2);
-                out.extend_from_slice(c.as_bytes());
-                out.extend_from_slice(&n.to_be_bytes());
-            }
-        }
+        self.addr.encode_into(&mut out);
         out.extend_from_slice(&(self.changes.len() as u32).to_be_bytes());
         for change in &self.changes {
             let raw = change.raw_bytes();
@@ -119,12 +105,7 @@ impl ChangeBatch {
 
     /// The exact length of [`ChangeBatch::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
-        let addr = match self.addr {
-            DocAddr::Account(_) => 32,
-            DocAddr::Meta(_) => 16,
-            DocAddr::Segment(..) => 20,
-        };
-        2 + addr
+        1 + self.addr.encoded_len()
             + 4
             + self
                 .changes
@@ -146,15 +127,14 @@ impl ChangeBatch {
         if version != BATCH_VERSION {
             return Err(BatchError::UnsupportedVersion(version));
         }
-        let addr = match r.u8()? {
-            0 => DocAddr::Account(AccountId::from_bytes(r.array()?)),
-            1 => DocAddr::Meta(ConversationId::from_bytes(r.array()?)),
-            2 => {
-                let c = ConversationId::from_bytes(r.array()?);
-                DocAddr::Segment(c, r.u32()?)
-            }
-            k => return Err(BatchError::UnknownDocKind(k)),
-        };
+        let (addr, used) = DocAddr::decode_prefix(&bytes[r.pos..]).map_err(|e| match e {
+            DocAddrError::UnknownKind(k) => BatchError::UnknownDocKind(k),
+            _ => BatchError::Truncated {
+                offset: r.pos,
+                need: 1,
+            },
+        })?;
+        r.pos += used;
         let count = r.u32()? as usize;
         if count > MAX_BATCH_CHANGES {
             return Err(BatchError::TooManyChanges {
