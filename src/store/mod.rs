@@ -1,2 +1,7 @@
-//! The device store: what a device keeps on disk, encrypted at rest.
+//! The device store: what a device keeps on disk, encrypted at rest. This is shell code (it does
+//! IO); the model stays sans-IO and hands the store opaque bytes.
+pub mod db;
 pub mod seal;
+
+pub use db::{Durability, Store, StoreError, StoreTx, StoredDoc};
+pub use seal::{SealError, StorageKey};

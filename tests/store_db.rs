@@ -1,0 +1,216 @@
+//! The SQLite device store: round trips, typed errors on bad keys and bad files, no plaintext.
+
+use std::path::Path;
+
+use roamsync::ids::{AccountId, ConversationId, DocAddr};
+use roamsync::store::{Durability, SealError, StorageKey, Store, StoreError};
+
+fn key(b: u8) -> StorageKey {
+    StorageKey::from_bytes([b; 32])
+}
+
+fn open(path: &Path, k: u8) -> Result<Store, StoreError> {
+    Store::open(path, &key(k), Durability::Full)
+}
+
+const CONV: ConversationId = ConversationId::from_bytes([7; 16]);
+
+#[test]
+fn chunks_snapshots_and_eviction_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("device.db");
+    let seg = DocAddr::Segment(CONV, 3);
+    let meta = DocAddr::Meta(CONV);
+    let account = DocAddr::Account(AccountId::from_bytes([1; 32]));
+    {
+        let mut s = open(&path, 1).unwrap();
+        assert_eq!(s.load_doc(&seg).unwrap(), None);
+        s.write(|tx| {
+            tx.append_chunk(&seg, b"one")?;
+            tx.append_chunk(&seg, b"two")?;
+            tx.append_chunk(&meta, b"meta")?;
+            tx.append_chunk(&account, b"acct")
+        })
+        .unwrap();
+    }
+    let mut s = open(&path, 1).unwrap();
+    let doc = s.load_doc(&seg).unwrap().unwrap();
+    assert_eq!(doc.snapshot, None);
+    assert_eq!(doc.chunks, vec![b"one".to_vec(), b"two".to_vec()]);
+    assert_eq!(s.conversation_docs(&CONV).unwrap(), vec![meta, seg]);
+    assert_eq!(s.all_docs().unwrap(), vec![account, meta, seg]);
+
+    s.write(|tx| tx.compact(&seg, b"snapshot")).unwrap();
+    s.write(|tx| tx.append_chunk(&seg, b"three")).unwrap();
+    let doc = s.load_doc(&seg).unwrap().unwrap();
+    assert_eq!(doc.snapshot.as_deref(), Some(&b"snapshot"[..]));
+    assert_eq!(doc.chunks, vec![b"three".to_vec()]);
+    assert_eq!(s.chunk_count(&seg).unwrap(), 1);
+
+    s.write(|tx| tx.evict(&seg)).unwrap();
+    let doc = s.load_doc(&seg).unwrap().unwrap();
+    assert!(doc.evicted);
+    assert_eq!((doc.snapshot, doc.chunks.len()), (None, 0));
+    s.integrity_check().unwrap();
+}
+
+#[test]
+fn a_failed_transaction_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(&dir.path().join("d.db"), 1).unwrap();
+    let seg = DocAddr::Segment(CONV, 0);
+    let r: Result<(), StoreError> = s.write(|tx| {
+        tx.append_chunk(&seg, b"lost")?;
+        Err(StoreError::Malformed { what: "test" })
+    });
+    assert!(r.is_err());
+    assert_eq!(s.load_doc(&seg).unwrap(), None);
+}
+
+#[test]
+fn bookkeeping_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(&dir.path().join("d.db"), 1).unwrap();
+    let seg = DocAddr::Segment(CONV, 0);
+    let (a, b) = s
+        .write(|tx| {
+            let a = tx.push_outbox(b"env-a")?;
+            let b = tx.push_outbox(b"env-b")?;
+            tx.push_received(b"env-r")?;
+            tx.set_cursor(b"relay-1", &seg, 42)?;
+            tx.put_setting("clock", b"123")?;
+            tx.put_summary(&CONV, b"summary")?;
+            Ok((a, b))
+        })
+        .unwrap();
+    assert_eq!(
+        s.outbox().unwrap(),
+        vec![(a, b"env-a".to_vec()), (b, b"env-b".to_vec())]
+    );
+    s.write(|tx| {
+        tx.ack_outbox(a)?;
+        tx.ack_outbox(a)
+    })
+    .unwrap();
+    assert_eq!(s.outbox().unwrap(), vec![(b, b"env-b".to_vec())]);
+    assert_eq!(s.received().unwrap().len(), 1);
+    assert_eq!(s.cursor(b"relay-1", &seg).unwrap(), Some(42));
+    assert_eq!(s.cursor(b"relay-2", &seg).unwrap(), None);
+    assert_eq!(s.setting("clock").unwrap().as_deref(), Some(&b"123"[..]));
+    assert_eq!(s.summaries().unwrap(), vec![b"summary".to_vec()]);
+}
+
+#[test]
+fn wrong_storage_key_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    drop(open(&path, 1).unwrap());
+    assert!(matches!(open(&path, 2), Err(StoreError::WrongStorageKey)));
+    // And the right key still opens it afterwards.
+    open(&path, 1).unwrap();
+}
+
+#[test]
+fn corrupted_or_moved_blobs_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    let seg = DocAddr::Segment(CONV, 0);
+    {
+        let mut s = open(&path, 1).unwrap();
+        s.write(|tx| {
+            tx.append_chunk(&seg, b"first")?;
+            tx.append_chunk(&seg, b"second")
+        })
+        .unwrap();
+    }
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    // Move: chunk 1's blob copied over chunk 2.
+    raw.execute(
+        "UPDATE chunks SET data = (SELECT data FROM chunks WHERE seq = 1) WHERE seq = 2",
+        [],
+    )
+    .unwrap();
+    let s = open(&path, 1).unwrap();
+    assert!(matches!(
+        s.load_doc(&seg),
+        Err(StoreError::Corrupt {
+            what: "change chunk",
+            source: SealError::Unauthentic
+        })
+    ));
+    // Overwrite with zeros.
+    raw.execute("UPDATE chunks SET data = zeroblob(60) WHERE seq = 1", [])
+        .unwrap();
+    assert!(matches!(s.load_doc(&seg), Err(StoreError::Corrupt { .. })));
+    // Truncated blob.
+    raw.execute("UPDATE chunks SET data = x'01' WHERE seq = 1", [])
+        .unwrap();
+    assert!(matches!(
+        s.load_doc(&seg),
+        Err(StoreError::Corrupt {
+            source: SealError::Truncated { .. },
+            ..
+        })
+    ));
+}
+
+#[test]
+fn truncated_or_foreign_files_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    drop(open(&path, 1).unwrap());
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len().min(50)]).unwrap();
+    let _ = std::fs::remove_file(dir.path().join("d.db-wal"));
+    let _ = std::fs::remove_file(dir.path().join("d.db-shm"));
+    let r = open(&path, 1);
+    assert!(matches!(r, Err(StoreError::DatabaseCorrupt(_))), "{r:?}");
+
+    let other = dir.path().join("text.db");
+    std::fs::write(&other, [b'x'; 4096]).unwrap();
+    let r = open(&other, 1);
+    assert!(matches!(r, Err(StoreError::NotADatabase(_))), "{r:?}");
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    drop(open(&path, 1).unwrap());
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    assert!(matches!(
+        open(&path, 1),
+        Err(StoreError::SchemaTooNew {
+            found: 99,
+            supported: 1
+        })
+    ));
+}
+
+#[test]
+fn no_plaintext_in_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    let marker = b"MARKER-plaintext-must-not-appear";
+    let seg = DocAddr::Segment(CONV, 0);
+    let mut s = open(&path, 1).unwrap();
+    s.write(|tx| {
+        tx.append_chunk(&seg, marker)?;
+        tx.put_summary(&CONV, marker)?;
+        tx.push_outbox(marker)?;
+        tx.put_setting("x", marker)
+    })
+    .unwrap();
+    let mut scanned = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        scanned += bytes.len();
+        assert!(!bytes.windows(marker.len()).any(|w| w == marker));
+        // Ids are not stored in the clear either: only keyed hashes of them.
+        assert!(!bytes.windows(16).any(|w| w == CONV.as_bytes()));
+    }
+    assert!(scanned > 4096, "the scan read the database and its WAL");
+}
