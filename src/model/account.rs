@@ -163,6 +163,33 @@ impl AccountDoc {
             .collect()
     }
 
+    /// The account's read position in every conversation that has one.
+    pub fn all_read_positions(&self) -> std::collections::BTreeMap<ConversationId, MessageKey> {
+        let mut out = std::collections::BTreeMap::new();
+        for item in self
+            .doc
+            .doc()
+            .map_range(automerge::ROOT, prefix_range("read/"))
+        {
+            // "read/<32 hex conversation>/<64 hex device>"
+            let Some(conv) = item
+                .key
+                .get(5..37)
+                .and_then(|h| ConversationId::parse_hex(h).ok())
+            else {
+                continue;
+            };
+            let ValueRef::Scalar(ScalarValueRef::Str(k)) = item.value else {
+                continue;
+            };
+            if let Some(key) = MessageKey::decode(&k) {
+                let e = out.entry(conv).or_insert(key);
+                *e = (*e).max(key);
+            }
+        }
+        out
+    }
+
     /// The account's read position: the furthest of its devices'.
     pub fn read_position(&self, conversation: &ConversationId) -> Option<MessageKey> {
         self.read_positions(conversation)

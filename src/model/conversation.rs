@@ -20,6 +20,11 @@
 //! alone, so the merge is clean. A segment can therefore exceed `cap` by what offline devices
 //! wrote into it concurrently, never more.
 //!
+//! **Loading.** A conversation may hold only some of its segments in memory; for the others it
+//! keeps a [`SegmentInfo`] (count and key range). A query or write that needs an unloaded segment
+//! fails with [`ModelError::NotLoaded`] before changing anything, naming the document to load; the
+//! caller loads it and retries. That keeps this code free of IO and memory bounded by a budget.
+//!
 //! **Reading.** Key ranges of segments may overlap (an offline device keeps writing into an older
 //! segment), so a page merges segments in the order of their newest key below the cursor and stops
 //! as soon as no remaining segment can hold a key newer than the page's oldest.
@@ -33,7 +38,7 @@ use crate::model::doc::SyncedDoc;
 use crate::model::error::ModelError;
 use crate::model::hlc::Hlc;
 use crate::model::message::{self, Draft, Message};
-use crate::model::segment::Segment;
+use crate::model::segment::{Segment, SegmentInfo};
 
 const TITLE: &str = "title";
 const CREATED: &str = "created";
@@ -48,6 +53,7 @@ pub struct Conversation {
     me: DeviceId,
     meta: SyncedDoc,
     segments: BTreeMap<u32, Segment>,
+    unloaded: BTreeMap<u32, SegmentInfo>,
 }
 
 impl Conversation {
@@ -58,7 +64,26 @@ impl Conversation {
             me,
             meta: SyncedDoc::new(DocAddr::Meta(id), me),
             segments: BTreeMap::new(),
+            unloaded: BTreeMap::new(),
         }
+    }
+
+    /// A conversation from its stored meta document, with none of its segments loaded.
+    pub fn from_parts(
+        meta: SyncedDoc,
+        unloaded: BTreeMap<u32, SegmentInfo>,
+        me: DeviceId,
+    ) -> Result<Conversation, ModelError> {
+        let DocAddr::Meta(id) = meta.addr() else {
+            return Err(ModelError::WrongDocument { addr: meta.addr() });
+        };
+        Ok(Conversation {
+            id,
+            me,
+            meta,
+            segments: BTreeMap::new(),
+            unloaded,
+        })
     }
 
     /// Writes the initial meta state of a new conversation.
@@ -174,7 +199,11 @@ impl Conversation {
     fn writable_segment(&mut self, cap: usize, opener: &MessageKey) -> Result<u32, ModelError> {
         let indexed = self.indexed_segments().into_iter().max();
         let held = self.segments.keys().next_back().copied();
-        let current = indexed.max(held).unwrap_or(0);
+        let stored = self.unloaded.keys().next_back().copied();
+        let current = indexed.max(held).max(stored).unwrap_or(0);
+        if self.unloaded.contains_key(&current) {
+            return Err(self.not_loaded(current));
+        }
         let full = self.segments.get(&current).is_some_and(|s| s.len() >= cap);
         let n = if full { current + 1 } else { current };
         if indexed.is_none_or(|i| i < n) {
@@ -187,27 +216,64 @@ impl Conversation {
         Ok(n)
     }
 
-    /// A segment, created empty if this replica does not hold it yet.
-    pub fn segment_mut(&mut self, n: u32) -> &mut Segment {
-        let (id, me) = (self.id, self.me);
-        self.segments
-            .entry(n)
-            .or_insert_with(|| Segment::new(id, n, me))
+    /// The number of the segment new messages go to, as far as this replica knows.
+    pub fn current_segment(&self) -> u32 {
+        let indexed = self.indexed_segments().into_iter().max();
+        let held = self.segments.keys().next_back().copied();
+        let stored = self.unloaded.keys().next_back().copied();
+        indexed.max(held).max(stored).unwrap_or(0)
     }
 
-    /// A held segment.
+    fn not_loaded(&self, n: u32) -> ModelError {
+        ModelError::NotLoaded(DocAddr::Segment(self.id, n))
+    }
+
+    /// A segment, created empty if this replica does not hold it at all.
+    pub fn segment_mut(&mut self, n: u32) -> Result<&mut Segment, ModelError> {
+        if self.unloaded.contains_key(&n) {
+            return Err(self.not_loaded(n));
+        }
+        let (id, me) = (self.id, self.me);
+        Ok(self
+            .segments
+            .entry(n)
+            .or_insert_with(|| Segment::new(id, n, me)))
+    }
+
+    /// A loaded segment.
     pub fn segment(&self, n: u32) -> Option<&Segment> {
         self.segments.get(&n)
     }
 
-    /// Held segments in number order.
+    /// Loaded segments in number order.
     pub fn segments(&self) -> impl Iterator<Item = &Segment> {
         self.segments.values()
     }
 
-    /// Installs a segment loaded elsewhere.
+    /// Segments known but not in memory, with what is known of them.
+    pub fn unloaded(&self) -> &BTreeMap<u32, SegmentInfo> {
+        &self.unloaded
+    }
+
+    /// Installs a segment loaded from storage.
     pub fn insert_segment(&mut self, segment: Segment) {
+        self.unloaded.remove(&segment.number());
         self.segments.insert(segment.number(), segment);
+    }
+
+    /// Drops a loaded segment from memory, keeping its [`SegmentInfo`]. Refused while the segment
+    /// has changes that were not taken for storage.
+    pub fn unload(&mut self, n: u32) -> Result<Option<SegmentInfo>, ModelError> {
+        let Some(segment) = self.segments.get(&n) else {
+            return Ok(None);
+        };
+        if segment.doc().has_unsaved() {
+            return Err(ModelError::Unsaved(DocAddr::Segment(self.id, n)));
+        }
+        let info = segment.info();
+        self.segments.remove(&n);
+        self.unloaded.insert(n, info);
+        Ok(Some(info))
     }
 
     /// Writes a new message; returns the segment it went to.
@@ -219,7 +285,7 @@ impl Conversation {
         draft: &Draft,
     ) -> Result<u32, ModelError> {
         let n = self.writable_segment(cap, &key)?;
-        let segment = self.segment_mut(n);
+        let segment = self.segment_mut(n)?;
         segment
             .doc_mut()
             .write(|tx| message::write_new(tx, &key, author, draft))?;
@@ -227,22 +293,34 @@ impl Conversation {
         Ok(n)
     }
 
-    /// The segment holding the message at `key`.
-    pub fn locate(&self, key: &MessageKey) -> Option<u32> {
-        self.segments
+    /// The segment holding the message at `key`, if any.
+    pub fn locate(&self, key: &MessageKey) -> Result<Option<u32>, ModelError> {
+        let in_range = |lo: Option<MessageKey>, hi: Option<MessageKey>| {
+            lo.is_some_and(|lo| lo <= *key) && hi.is_some_and(|hi| *key <= hi)
+        };
+        let loaded = self
+            .segments
             .values()
-            .find(|s| {
-                s.min_key().is_some_and(|lo| lo <= *key)
-                    && s.max_key().is_some_and(|hi| *key <= hi)
-                    && s.contains(key)
-            })
-            .map(Segment::number)
+            .find(|s| in_range(s.min_key(), s.max_key()) && s.contains(key));
+        if let Some(s) = loaded {
+            return Ok(Some(s.number()));
+        }
+        match self
+            .unloaded
+            .iter()
+            .find(|(_, i)| in_range(i.min_key, i.max_key))
+        {
+            Some((n, _)) => Err(self.not_loaded(*n)),
+            None => Ok(None),
+        }
     }
 
     /// Reads one message.
-    pub fn message(&self, key: &MessageKey) -> Option<Message> {
-        let n = self.locate(key)?;
-        self.segments.get(&n)?.message(self.id, key)
+    pub fn message(&self, key: &MessageKey) -> Result<Option<Message>, ModelError> {
+        let Some(n) = self.locate(key)? else {
+            return Ok(None);
+        };
+        Ok(self.segments.get(&n).and_then(|s| s.message(self.id, key)))
     }
 
     /// Up to `limit` keys strictly before `before` for which `visible` holds, newest first, with
@@ -252,19 +330,36 @@ impl Conversation {
         before: Option<MessageKey>,
         limit: usize,
         visible: impl Fn(&MessageKey) -> bool,
-    ) -> Vec<(MessageKey, u32)> {
-        // Each segment's newest key below the cursor, newest first.
-        let mut order: Vec<(MessageKey, &Segment)> = self
+    ) -> Result<Vec<(MessageKey, u32)>, ModelError> {
+        // Each segment's newest key below the cursor (for an unloaded segment, an upper bound of
+        // it), newest first.
+        let mut order: Vec<(MessageKey, u32, Option<&Segment>)> = self
             .segments
             .values()
-            .filter_map(|s| s.keys_before(before, 1).first().map(|k| (*k, s)))
+            .filter_map(|s| {
+                let top = s.keys_before(before, 1).first()?;
+                Some((*top, s.number(), Some(s)))
+            })
             .collect();
+        for (n, info) in &self.unloaded {
+            let (Some(lo), Some(hi)) = (info.min_key, info.max_key) else {
+                continue;
+            };
+            match before {
+                Some(b) if lo >= b => {}
+                Some(b) => order.push((hi.min(b), *n, None)),
+                None => order.push((hi, *n, None)),
+            }
+        }
         order.sort_by_key(|e| std::cmp::Reverse(e.0));
         let mut page: Vec<(MessageKey, u32)> = Vec::with_capacity(limit);
-        for (top, segment) in order {
+        for (top, n, segment) in order {
             if page.len() >= limit && page.last().is_some_and(|(oldest, _)| top < *oldest) {
                 break;
             }
+            let Some(segment) = segment else {
+                return Err(self.not_loaded(n));
+            };
             let mut added = 0;
             for key in segment.keys_before(before, segment.len()).iter().rev() {
                 if added >= limit {
@@ -278,7 +373,7 @@ impl Conversation {
             page.sort_by_key(|e| std::cmp::Reverse(e.0));
             page.truncate(limit);
         }
-        page
+        Ok(page)
     }
 
     /// Whether any message is older than `key` (visible or not).
@@ -286,14 +381,29 @@ impl Conversation {
         self.segments
             .values()
             .any(|s| s.min_key().is_some_and(|lo| lo < *key))
+            || self
+                .unloaded
+                .values()
+                .any(|i| i.min_key.is_some_and(|lo| lo < *key))
     }
 
     /// Keys strictly after `after`, across segments, unsorted, with their segment.
-    pub fn keys_after(&self, after: MessageKey) -> impl Iterator<Item = (MessageKey, &Segment)> {
-        self.segments
+    pub fn keys_after(
+        &self,
+        after: MessageKey,
+    ) -> Result<impl Iterator<Item = (MessageKey, &Segment)>, ModelError> {
+        let unloaded = self
+            .unloaded
+            .iter()
+            .find(|(_, i)| i.max_key.is_some_and(|hi| hi > after));
+        if let Some((n, _)) = unloaded {
+            return Err(self.not_loaded(*n));
+        }
+        Ok(self
+            .segments
             .values()
             .filter(move |s| s.max_key().is_some_and(|hi| hi > after))
-            .flat_map(move |s| s.keys_after(after).iter().map(move |k| (*k, s)))
+            .flat_map(move |s| s.keys_after(after).iter().map(move |k| (*k, s))))
     }
 }
 

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, transaction::Transaction};
 
 use crate::ids::{DeviceId, DocAddr};
+use crate::model::batch::ChangeBatch;
 use crate::model::error::ModelError;
 use crate::model::limits::MAX_PENDING_CHANGES;
 
@@ -74,6 +75,27 @@ pub struct SyncedDoc {
     known: HashSet<ChangeHash>,
     /// Remote changes waiting for dependencies.
     pending: HashMap<ChangeHash, Change>,
+    /// Raw bytes of changes applied since the last [`SyncedDoc::take_unsaved`], in order.
+    unsaved: Vec<u8>,
+    /// Whether the pending buffer changed since the last [`SyncedDoc::take_unsaved`].
+    pending_dirty: bool,
+}
+
+/// What a store must write to make a document durable: the changes applied since the last call,
+/// and, when it changed, the whole buffer of changes waiting for dependencies.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Unsaved {
+    /// Concatenated Automerge change chunks, in application order; empty if none.
+    pub applied: Vec<u8>,
+    /// The encoded pending buffer (a [`crate::model::ChangeBatch`]), if it changed.
+    pub pending: Option<Vec<u8>>,
+}
+
+impl Unsaved {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.applied.is_empty() && self.pending.is_none()
+    }
 }
 
 impl SyncedDoc {
@@ -85,18 +107,40 @@ impl SyncedDoc {
             log: HashMap::new(),
             known: HashSet::new(),
             pending: HashMap::new(),
+            unsaved: Vec::new(),
+            pending_dirty: false,
         }
     }
 
     /// Loads a document saved with [`SyncedDoc::save`]. The whole change log is rebuilt once here.
     pub fn load(addr: DocAddr, me: DeviceId, bytes: &[u8]) -> Result<SyncedDoc, ModelError> {
-        let doc = Automerge::load(bytes)?.with_actor(actor_of(&me));
+        Self::load_parts(addr, me, Some(bytes), &[], &[])
+    }
+
+    /// Loads a document from a snapshot (if any), the change chunks written after it, in order,
+    /// and the changes that were waiting for dependencies.
+    pub fn load_parts(
+        addr: DocAddr,
+        me: DeviceId,
+        snapshot: Option<&[u8]>,
+        chunks: &[Vec<u8>],
+        pending: &[Change],
+    ) -> Result<SyncedDoc, ModelError> {
+        let mut doc = match snapshot {
+            Some(bytes) => Automerge::load(bytes)?,
+            None => Automerge::new(),
+        };
+        for chunk in chunks {
+            doc.load_incremental(chunk)?;
+        }
         let mut out = SyncedDoc {
             addr,
-            doc,
+            doc: doc.with_actor(actor_of(&me)),
             log: HashMap::new(),
             known: HashSet::new(),
-            pending: HashMap::new(),
+            pending: pending.iter().map(|c| (c.hash(), c.clone())).collect(),
+            unsaved: Vec::new(),
+            pending_dirty: false,
         };
         let mut metas: Vec<(DeviceId, u64, ChangeHash)> = Vec::new();
         for meta in out.doc.get_changes_meta(&[]) {
@@ -148,6 +192,10 @@ impl SyncedDoc {
             let me = device_of(self.doc.get_actor())?;
             self.log.entry(me).or_default().push(hash);
             self.known.insert(hash);
+            // The change was just committed by this actor, so Automerge has it.
+            if let Some(change) = self.doc.get_last_local_change() {
+                self.unsaved.extend_from_slice(change.raw_bytes());
+            }
         }
         Ok(out)
     }
@@ -224,16 +272,25 @@ impl SyncedDoc {
                 max: MAX_PENDING_CHANGES,
             });
         }
+        // The pending buffer must be rewritten if it was or will be non-empty and anything moved.
+        let had_pending = !self.pending.is_empty();
+        let any_fresh = !fresh.is_empty();
         for change in fresh {
             self.pending.insert(change.hash(), change);
         }
         let ready = self.take_ready()?;
         let applied = ready.len();
+        if (any_fresh || applied > 0) && (had_pending || !self.pending.is_empty()) {
+            self.pending_dirty = true;
+        }
         if !ready.is_empty() {
             let hashes: Vec<(DeviceId, ChangeHash)> = ready
                 .iter()
                 .map(|c| Ok((device_of(c.actor_id())?, c.hash())))
                 .collect::<Result<_, ModelError>>()?;
+            for change in &ready {
+                self.unsaved.extend_from_slice(change.raw_bytes());
+            }
             self.doc.apply_changes(ready)?;
             for (device, hash) in hashes {
                 self.log.entry(device).or_default().push(hash);
@@ -302,6 +359,29 @@ impl SyncedDoc {
             ready.push(change);
         }
         Ok(ready)
+    }
+
+    /// Takes what must be written to make this document durable (see [`Unsaved`]).
+    pub fn take_unsaved(&mut self) -> Unsaved {
+        let pending = self.pending_dirty.then(|| {
+            let mut changes: Vec<Change> = self.pending.values().cloned().collect();
+            changes.sort_by_key(|c| c.hash());
+            ChangeBatch {
+                addr: self.addr,
+                changes,
+            }
+            .encode()
+        });
+        self.pending_dirty = false;
+        Unsaved {
+            applied: std::mem::take(&mut self.unsaved),
+            pending,
+        }
+    }
+
+    /// Whether anything applied or buffered has not been taken by [`SyncedDoc::take_unsaved`].
+    pub fn has_unsaved(&self) -> bool {
+        !self.unsaved.is_empty() || self.pending_dirty
     }
 
     /// The number of remote changes waiting for dependencies.

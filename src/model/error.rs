@@ -108,6 +108,19 @@ pub enum ModelError {
     /// An encoded batch is malformed.
     #[error(transparent)]
     Batch(#[from] crate::model::batch::BatchError),
+    /// The operation needs a document that is stored but not loaded; load it and retry. Nothing
+    /// was changed.
+    #[error("{0:?} is not loaded")]
+    NotLoaded(DocAddr),
+    /// A document cannot be dropped from memory: it has changes not yet taken for storage.
+    #[error("{0:?} has changes that were not stored")]
+    Unsaved(DocAddr),
+    /// A document was offered where another kind was expected.
+    #[error("{addr:?} is not the expected kind of document")]
+    WrongDocument {
+        /// The document.
+        addr: DocAddr,
+    },
     /// Automerge refused a change or a document.
     #[error("automerge: {0}")]
     Automerge(#[from] automerge::AutomergeError),

@@ -1,6 +1,6 @@
 //! What queries return.
 
-use crate::ids::{ConversationId, MessageId, MessageKey};
+use crate::ids::{AccountId, ConversationId, MessageId, MessageKey};
 use crate::model::hlc::Hlc;
 use crate::model::message::Message;
 
@@ -54,9 +54,56 @@ pub struct ConversationSummary {
     /// This account's draft.
     pub draft: Option<String>,
     /// The newest message not hidden by this account.
-    pub last_message: Option<Message>,
+    pub last_message: Option<MessagePreview>,
     /// Time of the newest visible message, or of creation.
     pub last_activity: Hlc,
     /// Unread messages (see [`crate::model::Replica::unread_count`]).
     pub unread: u64,
+}
+
+/// What the conversation list shows of a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessagePreview {
+    /// The message.
+    pub id: MessageId,
+    /// Its author account.
+    pub author: AccountId,
+    /// The start of its text (at most [`PREVIEW_CHARS`] characters); `None` once recalled.
+    pub text: Option<String>,
+    /// Number of attachments.
+    pub attachments: u32,
+    /// Whether it was edited.
+    pub edited: bool,
+    /// Whether it was recalled.
+    pub recalled: bool,
+}
+
+/// Characters of a message kept in its preview.
+pub const PREVIEW_CHARS: usize = 120;
+
+impl MessagePreview {
+    /// The preview of a message.
+    pub fn of(m: &Message) -> MessagePreview {
+        MessagePreview {
+            id: m.id,
+            author: m.author,
+            text: m
+                .body
+                .as_ref()
+                .map(|b| b.chars().take(PREVIEW_CHARS).collect()),
+            attachments: m.attachments.len() as u32,
+            edited: m.edited,
+            recalled: m.recalled,
+        }
+    }
+}
+
+/// Sorts a conversation list: pinned first, then by last activity (newest first), then by id.
+pub fn sort_conversation_list(list: &mut [ConversationSummary]) {
+    list.sort_by(|a, b| {
+        b.pinned
+            .cmp(&a.pinned)
+            .then(b.last_activity.cmp(&a.last_activity))
+            .then(a.id.cmp(&b.id))
+    });
 }

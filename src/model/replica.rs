@@ -12,12 +12,15 @@ use crate::ids::{AccountId, ConversationId, DeviceId, DocAddr, MessageId, Messag
 use crate::model::account::{AccountDoc, ListFlag};
 use crate::model::batch::ChangeBatch;
 use crate::model::conversation::{Conversation, member_key, setting_key};
-use crate::model::doc::{DocApply, SyncedDoc, VersionVector};
+use crate::model::doc::{DocApply, SyncedDoc, Unsaved, VersionVector};
 use crate::model::error::ModelError;
 use crate::model::hlc::{HlcError, HybridClock, MAX_CLOCK_SKEW_MS};
 use crate::model::limits::*;
 use crate::model::message::{self, Draft, Message, check_len, check_reaction};
-use crate::model::query::{ConversationSummary, Cursor, Page};
+use crate::model::query::{
+    ConversationSummary, Cursor, MessagePreview, Page, sort_conversation_list,
+};
+use crate::model::segment::{Segment, SegmentInfo};
 
 /// Tunables of the data model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,13 +282,15 @@ impl Replica {
         let account = self.account;
         let c = self.member_conversation(conversation)?;
         let key = id.key();
-        let (n, msg) = c
-            .locate(&key)
-            .and_then(|n| Some((n, c.message(&key)?)))
-            .ok_or(ModelError::UnknownMessage {
-                conversation: *conversation,
-                message: *id,
-            })?;
+        let missing = ModelError::UnknownMessage {
+            conversation: *conversation,
+            message: *id,
+        };
+        let n = c.locate(&key)?.ok_or(missing)?;
+        let msg = c.message(&key)?.ok_or(ModelError::UnknownMessage {
+            conversation: *conversation,
+            message: *id,
+        })?;
         if msg.author != account {
             return Err(ModelError::NotAuthor {
                 message: *id,
@@ -312,7 +317,7 @@ impl Replica {
         }
         let (c, n) = self.own_message(conversation, id)?;
         let key = id.key();
-        c.segment_mut(n).doc_mut().write(|tx| {
+        c.segment_mut(n)?.doc_mut().write(|tx| {
             let (obj, _) = message::locate(tx, &key).ok_or(ModelError::UnknownMessage {
                 conversation: *conversation,
                 message: *id,
@@ -335,7 +340,7 @@ impl Replica {
             other => other?,
         };
         let key = id.key();
-        c.segment_mut(n).doc_mut().write(|tx| {
+        c.segment_mut(n)?.doc_mut().write(|tx| {
             let (obj, _) = message::locate(tx, &key).ok_or(ModelError::UnknownMessage {
                 conversation: *conversation,
                 message: *id,
@@ -367,8 +372,8 @@ impl Replica {
             conversation: *conversation,
             message: *id,
         };
-        let n = c.locate(&key).ok_or(missing)?;
-        let msg = c.message(&key).ok_or(ModelError::UnknownMessage {
+        let n = c.locate(&key)?.ok_or(missing)?;
+        let msg = c.message(&key)?.ok_or(ModelError::UnknownMessage {
             conversation: *conversation,
             message: *id,
         })?;
@@ -383,7 +388,7 @@ impl Replica {
             return Ok(());
         }
         let slot = message::reaction_key(&account, reaction);
-        c.segment_mut(n).doc_mut().write(|tx| {
+        c.segment_mut(n)?.doc_mut().write(|tx| {
             let (obj, _) = message::locate(tx, &key).ok_or(ModelError::UnknownMessage {
                 conversation: *conversation,
                 message: *id,
@@ -441,7 +446,7 @@ impl Replica {
         id: &MessageId,
     ) -> Result<(), ModelError> {
         let c = self.conversation(conversation)?;
-        if c.locate(&id.key()).is_none() {
+        if c.locate(&id.key())?.is_none() {
             return Err(ModelError::UnknownMessage {
                 conversation: *conversation,
                 message: *id,
@@ -457,32 +462,33 @@ impl Replica {
         self.conversations.keys().copied().collect()
     }
 
+    /// Whether this replica holds a conversation (its meta document is loaded).
+    pub fn has_conversation(&self, conversation: &ConversationId) -> bool {
+        self.conversations.contains_key(conversation)
+    }
+
     /// The conversation list: pinned first, then by last activity (newest first), then by id.
     /// Conversations whose meta document has not arrived yet are left out.
-    pub fn conversation_list(&self) -> Vec<ConversationSummary> {
-        let mut list: Vec<ConversationSummary> = self
+    pub fn conversation_list(&self) -> Result<Vec<ConversationSummary>, ModelError> {
+        let mut list = self
             .conversations
             .values()
             .filter(|c| c.has_meta())
             .map(|c| self.summary(c))
-            .collect();
-        list.sort_by(|a, b| {
-            b.pinned
-                .cmp(&a.pinned)
-                .then(b.last_activity.cmp(&a.last_activity))
-                .then(a.id.cmp(&b.id))
-        });
-        list
+            .collect::<Result<Vec<_>, _>>()?;
+        sort_conversation_list(&mut list);
+        Ok(list)
     }
 
-    fn summary(&self, c: &Conversation) -> ConversationSummary {
+    fn summary(&self, c: &Conversation) -> Result<ConversationSummary, ModelError> {
         let id = c.id();
-        let last = c.page_keys(None, 1, |k| !self.account_doc.is_hidden(&id, k));
+        let last = c.page_keys(None, 1, |k| !self.account_doc.is_hidden(&id, k))?;
         let last_message = last
             .first()
-            .and_then(|(k, n)| c.segment(*n)?.message(id, k));
+            .and_then(|(k, n)| c.segment(*n)?.message(id, k))
+            .map(|m| MessagePreview::of(&m));
         let created = c.created().unwrap_or_default();
-        ConversationSummary {
+        Ok(ConversationSummary {
             id,
             title: c.title(),
             member_count: c.members().len(),
@@ -494,9 +500,9 @@ impl Replica {
             last_activity: last_message
                 .as_ref()
                 .map_or(created, |m| m.id.hlc.max(created)),
-            unread: self.unread_in(c),
+            unread: self.unread_in(c)?,
             last_message,
-        }
+        })
     }
 
     /// One conversation's summary, as in the list.
@@ -504,7 +510,17 @@ impl Replica {
         &self,
         conversation: &ConversationId,
     ) -> Result<ConversationSummary, ModelError> {
-        Ok(self.summary(self.conversation(conversation)?))
+        self.summary(self.conversation(conversation)?)
+    }
+
+    /// The list flags and draft of a conversation, from the account document alone: what a
+    /// stored summary must be refreshed with, since they change without the conversation.
+    pub fn refresh_account_fields(&self, summary: &mut ConversationSummary) {
+        let id = summary.id;
+        summary.pinned = self.account_doc.flag(&id, ListFlag::Pinned);
+        summary.muted = self.account_doc.flag(&id, ListFlag::Muted);
+        summary.archived = self.account_doc.flag(&id, ListFlag::Archived);
+        summary.draft = self.account_doc.draft(&id);
     }
 
     /// Current members of a conversation.
@@ -523,27 +539,32 @@ impl Replica {
     /// Messages from other accounts after the account's read position that are neither recalled
     /// nor hidden.
     pub fn unread_count(&self, conversation: &ConversationId) -> Result<u64, ModelError> {
-        Ok(self.unread_in(self.conversation(conversation)?))
+        self.unread_in(self.conversation(conversation)?)
     }
 
-    fn unread_in(&self, c: &Conversation) -> u64 {
+    fn unread_in(&self, c: &Conversation) -> Result<u64, ModelError> {
         let id = c.id();
         let read = self
             .account_doc
             .read_position(&id)
             .unwrap_or(MessageKey::MIN);
-        c.keys_after(read)
+        Ok(c.keys_after(read)?
             .filter(|(k, s)| {
                 !self.account_doc.is_hidden(&id, k)
                     && message::author_and_recalled(s.doc().doc(), k)
                         .is_some_and(|(author, recalled)| author != self.account && !recalled)
             })
-            .count() as u64
+            .count() as u64)
     }
 
     /// The account's read position in a conversation (the furthest of its devices').
     pub fn read_position(&self, conversation: &ConversationId) -> Option<MessageKey> {
         self.account_doc.read_position(conversation)
+    }
+
+    /// Read positions of every conversation mentioned in the account document.
+    pub fn read_positions(&self) -> BTreeMap<ConversationId, MessageKey> {
+        self.account_doc.all_read_positions()
     }
 
     /// The draft of a conversation.
@@ -569,7 +590,7 @@ impl Replica {
         let c = self.conversation(conversation)?;
         let keys = c.page_keys(before.map(|b| b.0), limit, |k| {
             !self.account_doc.is_hidden(conversation, k)
-        });
+        })?;
         let mut messages: Vec<Message> = keys
             .iter()
             .filter_map(|(k, n)| c.segment(*n)?.message(*conversation, k))
@@ -591,7 +612,7 @@ impl Replica {
         id: &MessageId,
     ) -> Result<Message, ModelError> {
         let c = self.conversation(conversation)?;
-        c.message(&id.key())
+        c.message(&id.key())?
             .filter(|m| m.id == *id)
             .ok_or(ModelError::UnknownMessage {
                 conversation: *conversation,
@@ -601,7 +622,8 @@ impl Replica {
 
     // ---- sync surface --------------------------------------------------------------------
 
-    /// Every document this replica holds.
+    /// Every document loaded in memory (the account document, every loaded conversation's meta
+    /// document and its loaded segments).
     pub fn docs(&self) -> Vec<DocAddr> {
         let mut out = vec![DocAddr::Account(self.account)];
         for c in self.conversations.values() {
@@ -618,6 +640,96 @@ impl Replica {
             DocAddr::Meta(c) => Some(self.conversations.get(c)?.meta()),
             DocAddr::Segment(c, n) => Some(self.conversations.get(c)?.segment(*n)?.doc()),
         }
+    }
+
+    fn synced_mut(&mut self, addr: &DocAddr) -> Option<&mut SyncedDoc> {
+        match addr {
+            DocAddr::Account(a) if *a == self.account => Some(self.account_doc.doc_mut()),
+            DocAddr::Account(_) => None,
+            DocAddr::Meta(c) => Some(self.conversations.get_mut(c)?.meta_mut()),
+            DocAddr::Segment(c, n) => Some(
+                self.conversations
+                    .get_mut(c)?
+                    .segment_mut(*n)
+                    .ok()?
+                    .doc_mut(),
+            ),
+        }
+    }
+
+    /// Takes, for every loaded document with changes not yet stored, what a store must write
+    /// (see [`Unsaved`]). A store calls this after each operation or apply and writes the result
+    /// in one transaction: only then is the operation durable.
+    pub fn take_unsaved(&mut self) -> Vec<(DocAddr, Unsaved)> {
+        let mut out = Vec::new();
+        for addr in self.docs() {
+            if let Some(doc) = self.synced_mut(&addr) {
+                if doc.has_unsaved() {
+                    out.push((addr, doc.take_unsaved()));
+                }
+            }
+        }
+        out
+    }
+
+    /// What is known of a segment: loaded or not.
+    pub fn segment_info(&self, conversation: &ConversationId, n: u32) -> Option<SegmentInfo> {
+        let c = self.conversations.get(conversation)?;
+        c.segment(n)
+            .map(Segment::info)
+            .or_else(|| c.unloaded().get(&n).copied())
+    }
+
+    /// The segment new messages of a conversation go to, as far as this replica knows.
+    pub fn current_segment(&self, conversation: &ConversationId) -> Result<u32, ModelError> {
+        Ok(self.conversation(conversation)?.current_segment())
+    }
+
+    /// Installs the account document loaded from storage, replacing the empty one.
+    pub fn load_account(&mut self, doc: SyncedDoc) -> Result<(), ModelError> {
+        if doc.addr() != DocAddr::Account(self.account) {
+            return Err(ModelError::WrongDocument { addr: doc.addr() });
+        }
+        self.account_doc = AccountDoc::from_doc(doc);
+        Ok(())
+    }
+
+    /// Installs a conversation loaded from storage: its meta document and what is known of its
+    /// segments, none of them loaded.
+    pub fn load_conversation(
+        &mut self,
+        meta: SyncedDoc,
+        segments: BTreeMap<u32, SegmentInfo>,
+    ) -> Result<ConversationId, ModelError> {
+        let c = Conversation::from_parts(meta, segments, self.device)?;
+        let id = c.id();
+        self.conversations.insert(id, c);
+        Ok(id)
+    }
+
+    /// Installs a segment loaded from storage.
+    pub fn load_segment(&mut self, doc: SyncedDoc) -> Result<(), ModelError> {
+        let DocAddr::Segment(c, n) = doc.addr() else {
+            return Err(ModelError::WrongDocument { addr: doc.addr() });
+        };
+        let conversation = self
+            .conversations
+            .get_mut(&c)
+            .ok_or(ModelError::UnknownConversation(c))?;
+        conversation.insert_segment(Segment::from_doc(n, doc));
+        Ok(())
+    }
+
+    /// Drops a segment from memory (it must have nothing unsaved); `None` if it was not loaded.
+    pub fn unload_segment(
+        &mut self,
+        conversation: &ConversationId,
+        n: u32,
+    ) -> Result<Option<SegmentInfo>, ModelError> {
+        self.conversations
+            .get_mut(conversation)
+            .ok_or(ModelError::UnknownConversation(*conversation))?
+            .unload(n)
     }
 
     /// What this replica holds of a document: {device → last sequence number}.
@@ -696,7 +808,7 @@ impl Replica {
                     .conversations
                     .entry(c)
                     .or_insert_with(|| Conversation::empty(c, me));
-                let segment = conversation.segment_mut(n);
+                let segment = conversation.segment_mut(n)?;
                 let stats = segment.doc_mut().apply(changes)?;
                 if stats.applied == 0 {
                     return Ok(stats);

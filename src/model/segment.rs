@@ -12,6 +12,59 @@ use crate::ids::{ConversationId, DeviceId, DocAddr, MessageKey};
 use crate::model::doc::SyncedDoc;
 use crate::model::message::{self, Message, valid_object};
 
+/// What is known of a segment without its document: enough to decide whether a query needs it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Number of valid messages.
+    pub count: u32,
+    /// Smallest key.
+    pub min_key: Option<MessageKey>,
+    /// Largest key.
+    pub max_key: Option<MessageKey>,
+}
+
+impl SegmentInfo {
+    /// Length of the encoded form.
+    pub const ENCODED_LEN: usize = 4 + 2 * 17;
+
+    /// `u32 count | (u8 present, u64 hlc, u64 device prefix) × 2`, big-endian.
+    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut out = [0u8; Self::ENCODED_LEN];
+        out[..4].copy_from_slice(&self.count.to_be_bytes());
+        for (i, key) in [self.min_key, self.max_key].iter().enumerate() {
+            let at = 4 + 17 * i;
+            if let Some(k) = key {
+                out[at] = 1;
+                out[at + 1..at + 9].copy_from_slice(&k.hlc.as_u64().to_be_bytes());
+                out[at + 9..at + 17].copy_from_slice(&k.device_prefix.to_be_bytes());
+            }
+        }
+        out
+    }
+
+    /// Decodes [`SegmentInfo::encode`]'s output; `None` for anything else.
+    pub fn decode(b: &[u8]) -> Option<SegmentInfo> {
+        let b: &[u8; Self::ENCODED_LEN] = b.try_into().ok()?;
+        let key = |at: usize| -> Option<Option<MessageKey>> {
+            match b[at] {
+                0 => Some(None),
+                1 => Some(Some(MessageKey {
+                    hlc: crate::model::hlc::Hlc::from_u64(u64::from_be_bytes(
+                        b[at + 1..at + 9].try_into().ok()?,
+                    )),
+                    device_prefix: u64::from_be_bytes(b[at + 9..at + 17].try_into().ok()?),
+                })),
+                _ => None,
+            }
+        };
+        Some(SegmentInfo {
+            count: u32::from_be_bytes(b[..4].try_into().ok()?),
+            min_key: key(4)?,
+            max_key: key(21)?,
+        })
+    }
+}
+
 /// One segment document and its key index.
 #[derive(Debug)]
 pub struct Segment {
@@ -59,6 +112,15 @@ impl Segment {
     /// Number of valid messages.
     pub fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// What a query needs to know of this segment while it is not loaded.
+    pub fn info(&self) -> SegmentInfo {
+        SegmentInfo {
+            count: self.keys.len() as u32,
+            min_key: self.min_key(),
+            max_key: self.max_key(),
+        }
     }
 
     /// Whether the segment holds no message.
