@@ -2,5 +2,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod crypto;
 pub mod ids;
 pub mod model;
+pub mod wire;
