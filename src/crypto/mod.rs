@@ -2,5 +2,6 @@
 //! envelopes, and linking a new device. Sans-IO: no clock, no OS randomness; callers pass `now_ms`
 //! and a seeded [`rng::SeedRng`].
 
+pub mod device_log;
 pub mod identity;
 pub mod rng;
