@@ -4,4 +4,5 @@
 
 pub mod device_log;
 pub mod identity;
+pub mod keys;
 pub mod rng;
