@@ -3,6 +3,7 @@
 //! and a seeded [`rng::SeedRng`].
 
 pub mod device_log;
+pub mod envelope;
 pub mod identity;
 pub mod keys;
 pub mod rng;
