@@ -6,4 +6,5 @@ pub mod device_log;
 pub mod envelope;
 pub mod identity;
 pub mod keys;
+pub mod pairing;
 pub mod rng;
