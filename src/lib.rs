@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod crypto;
 pub mod ids;
 pub mod model;
 pub mod store;
+pub mod wire;
