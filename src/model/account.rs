@@ -190,6 +190,32 @@ impl AccountDoc {
         out
     }
 
+    /// Per conversation, what of this document a conversation summary depends on: the account's
+    /// read position and the number of hidden messages. Two digests that differ for a conversation
+    /// mean its unread count or last message may have changed.
+    pub fn digest(&self) -> std::collections::BTreeMap<ConversationId, (Option<MessageKey>, u32)> {
+        let mut out: std::collections::BTreeMap<ConversationId, (Option<MessageKey>, u32)> = self
+            .all_read_positions()
+            .into_iter()
+            .map(|(c, k)| (c, (Some(k), 0)))
+            .collect();
+        for item in self
+            .doc
+            .doc()
+            .map_range(automerge::ROOT, prefix_range("hide/"))
+        {
+            // "hide/<32 hex conversation>/<key>"
+            if let Some(conv) = item
+                .key
+                .get(5..37)
+                .and_then(|h| ConversationId::parse_hex(h).ok())
+            {
+                out.entry(conv).or_insert((None, 0)).1 += 1;
+            }
+        }
+        out
+    }
+
     /// The account's read position: the furthest of its devices'.
     pub fn read_position(&self, conversation: &ConversationId) -> Option<MessageKey> {
         self.read_positions(conversation)

@@ -467,6 +467,13 @@ impl Replica {
         self.conversations.contains_key(conversation)
     }
 
+    /// Whether a conversation's meta document has arrived (it is listed only then).
+    pub fn has_meta(&self, conversation: &ConversationId) -> bool {
+        self.conversations
+            .get(conversation)
+            .is_some_and(Conversation::has_meta)
+    }
+
     /// The conversation list: pinned first, then by last activity (newest first), then by id.
     /// Conversations whose meta document has not arrived yet are left out.
     pub fn conversation_list(&self) -> Result<Vec<ConversationSummary>, ModelError> {
@@ -565,6 +572,27 @@ impl Replica {
     /// Read positions of every conversation mentioned in the account document.
     pub fn read_positions(&self) -> BTreeMap<ConversationId, MessageKey> {
         self.account_doc.all_read_positions()
+    }
+
+    /// What conversation summaries depend on in the account document (see
+    /// [`AccountDoc::digest`]).
+    pub fn account_digest(&self) -> BTreeMap<ConversationId, (Option<MessageKey>, u32)> {
+        self.account_doc.digest()
+    }
+
+    /// Whether a segment is in memory.
+    pub fn is_segment_loaded(&self, conversation: &ConversationId, n: u32) -> bool {
+        self.conversations
+            .get(conversation)
+            .is_some_and(|c| c.segment(n).is_some())
+    }
+
+    /// Loaded segments: conversation, number and message count.
+    pub fn loaded_segments(&self) -> Vec<(ConversationId, u32, usize)> {
+        self.conversations
+            .values()
+            .flat_map(|c| c.segments().map(move |s| (c.id(), s.number(), s.len())))
+            .collect()
     }
 
     /// The draft of a conversation.
@@ -670,6 +698,11 @@ impl Replica {
             }
         }
         out
+    }
+
+    /// The whole document in Automerge's compact format, if it is loaded.
+    pub fn save_doc(&self, addr: &DocAddr) -> Option<Vec<u8>> {
+        self.synced(addr).map(SyncedDoc::save)
     }
 
     /// What is known of a segment: loaded or not.

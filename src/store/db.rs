@@ -38,7 +38,8 @@ const MIGRATIONS: &[&str] = &[
          addr     BLOB NOT NULL,
          snapshot BLOB,
          evicted  INTEGER NOT NULL DEFAULT 0,
-         info     BLOB
+         info     BLOB,
+         pending  BLOB
      );
      CREATE INDEX docs_by_conv ON docs(conv);
      CREATE TABLE chunks (
@@ -137,6 +138,9 @@ impl From<DocAddrError> for StoreError {
     }
 }
 
+/// A stored segment of a conversation: its number and recorded info, if any.
+pub type SegmentRow = (u32, Option<Vec<u8>>);
+
 /// Everything stored about one document, opened.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StoredDoc {
@@ -146,6 +150,8 @@ pub struct StoredDoc {
     pub chunks: Vec<Vec<u8>>,
     /// Whether the document was evicted from the disk budget and must be fetched again.
     pub evicted: bool,
+    /// Remote changes that were waiting for dependencies (an encoded change batch).
+    pub pending: Option<Vec<u8>>,
 }
 
 /// The device store.
@@ -261,17 +267,21 @@ impl Store {
     /// Reads a document: its snapshot and the chunks after it. `None` if never stored.
     pub fn load_doc(&self, addr: &DocAddr) -> Result<Option<StoredDoc>, StoreError> {
         let lookup = doc_lookup(&self.sealer, addr);
-        let row: Option<(i64, Option<Vec<u8>>, bool)> = self
+        type Row = (i64, Option<Vec<u8>>, bool, Option<Vec<u8>>);
+        let row: Option<Row> = self
             .conn
             .query_row(
-                "SELECT id, snapshot, evicted FROM docs WHERE lookup = ?1",
+                "SELECT id, snapshot, evicted, pending FROM docs WHERE lookup = ?1",
                 params![lookup],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        let Some((id, snapshot, evicted)) = row else {
+        let Some((id, snapshot, evicted, pending)) = row else {
             return Ok(None);
         };
+        let pending = pending
+            .map(|p| open(&self.sealer, "pending changes", &pending_aad(&lookup), &p))
+            .transpose()?;
         let snapshot = snapshot
             .map(|s| {
                 open(
@@ -301,6 +311,7 @@ impl Store {
             snapshot,
             chunks,
             evicted,
+            pending,
         }))
     }
 
@@ -319,6 +330,33 @@ impl Store {
             let lookup: Vec<u8> = r.get(0)?;
             let sealed: Vec<u8> = r.get(1)?;
             out.push(open_addr(&self.sealer, &lookup, &sealed)?);
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Stored segment documents of a conversation with their recorded info (see
+    /// [`StoreTx::put_info`]), in segment order.
+    pub fn conversation_segments(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<Vec<SegmentRow>, StoreError> {
+        let conv = conv_lookup(&self.sealer, conversation);
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT lookup, addr, info FROM docs WHERE conv = ?1")?;
+        let mut out = Vec::new();
+        let mut rows = stmt.query(params![conv])?;
+        while let Some(r) = rows.next()? {
+            let lookup: Vec<u8> = r.get(0)?;
+            let sealed: Vec<u8> = r.get(1)?;
+            let info: Option<Vec<u8>> = r.get(2)?;
+            if let DocAddr::Segment(_, n) = open_addr(&self.sealer, &lookup, &sealed)? {
+                let info = info
+                    .map(|i| open(&self.sealer, "segment info", &info_aad(&lookup), &i))
+                    .transpose()?;
+                out.push((n, info));
+            }
         }
         out.sort();
         Ok(out)
@@ -508,6 +546,31 @@ impl StoreTx<'_> {
         Ok(())
     }
 
+    /// Records small derived facts about a document (for a segment: its count and key range), so
+    /// that queries can plan without loading it.
+    pub fn put_info(&mut self, addr: &DocAddr, info: &[u8]) -> Result<(), StoreError> {
+        let (id, lookup) = self.doc_row(addr)?;
+        let sealed = self.sealer.seal(&info_aad(&lookup), info);
+        self.tx
+            .prepare_cached("UPDATE docs SET info = ?1 WHERE id = ?2")?
+            .execute(params![sealed, id])?;
+        Ok(())
+    }
+
+    /// Replaces (or with `None` clears) the changes of a document that wait for dependencies.
+    pub fn put_pending(
+        &mut self,
+        addr: &DocAddr,
+        pending: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let (id, lookup) = self.doc_row(addr)?;
+        let sealed = pending.map(|p| self.sealer.seal(&pending_aad(&lookup), p));
+        self.tx
+            .prepare_cached("UPDATE docs SET pending = ?1 WHERE id = ?2")?
+            .execute(params![sealed, id])?;
+        Ok(())
+    }
+
     /// Drops a document's content to free disk, keeping a mark that it must be fetched again.
     pub fn evict(&mut self, addr: &DocAddr) -> Result<(), StoreError> {
         let (id, _) = self.doc_row(addr)?;
@@ -646,6 +709,14 @@ fn snapshot_aad(lookup: &[u8]) -> Vec<u8> {
 
 fn chunk_aad(lookup: &[u8], seq: i64) -> Vec<u8> {
     tagged("chunks", lookup, Some(seq))
+}
+
+fn info_aad(lookup: &[u8]) -> Vec<u8> {
+    tagged("docs/info", lookup, None)
+}
+
+fn pending_aad(lookup: &[u8]) -> Vec<u8> {
+    tagged("docs/pending", lookup, None)
 }
 
 fn summary_aad(conv: &[u8]) -> Vec<u8> {
