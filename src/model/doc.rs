@@ -17,6 +17,7 @@ use crate::ids::{DeviceId, DocAddr};
 use crate::model::batch::ChangeBatch;
 use crate::model::error::ModelError;
 use crate::model::limits::MAX_PENDING_CHANGES;
+use crate::model::validate;
 
 /// What a replica holds of one document: for each device, how many of its changes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,6 +63,9 @@ pub struct DocApply {
     pub duplicates: usize,
     /// Changes still waiting for dependencies after this batch.
     pub pending: usize,
+    /// Changes refused because they do not fit the document's shape (or depend on one that does
+    /// not): device, sequence number and reason. They are dropped.
+    pub refused: Vec<(DeviceId, u64, &'static str)>,
 }
 
 /// An Automerge document plus the sync bookkeeping described in the module docs.
@@ -279,6 +283,11 @@ impl SyncedDoc {
             self.pending.insert(change.hash(), change);
         }
         let ready = self.take_ready()?;
+        let (ready, refused) = validate::split_valid(&self.doc, ready);
+        let refused: Vec<(DeviceId, u64, &'static str)> = refused
+            .iter()
+            .map(|(c, reason)| Ok((device_of(c.actor_id())?, c.seq(), *reason)))
+            .collect::<Result<_, ModelError>>()?;
         let applied = ready.len();
         if (any_fresh || applied > 0) && (had_pending || !self.pending.is_empty()) {
             self.pending_dirty = true;
@@ -301,6 +310,7 @@ impl SyncedDoc {
             applied,
             duplicates,
             pending: self.pending.len(),
+            refused,
         })
     }
 

@@ -97,6 +97,16 @@ pub enum ModelError {
         /// The reused sequence number.
         seq: u64,
     },
+    /// A remote change does not fit the shape of roamsync's documents (see `model::validate`).
+    #[error("change {seq} for {doc:?} refused: {reason}")]
+    MalformedChange {
+        /// The document.
+        doc: DocAddr,
+        /// The change's sequence number.
+        seq: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// Too many remote changes are waiting for their dependencies.
     #[error("more than {max} changes wait for dependencies in {doc:?}")]
     PendingOverflow {

@@ -39,6 +39,7 @@ pub mod message;
 pub mod query;
 pub mod replica;
 pub mod segment;
+mod validate;
 
 pub use account::ListFlag;
 pub use batch::{BatchError, ChangeBatch};

@@ -805,7 +805,19 @@ impl Replica {
         let mut report = ApplyReport::default();
         for (addr, changes) in grouped {
             match self.apply_doc(now_ms, addr, changes, &mut report) {
-                Ok(stats) => report.docs.push((addr, stats)),
+                Ok(stats) => {
+                    for (_, seq, reason) in &stats.refused {
+                        report.rejected.push((
+                            addr,
+                            ModelError::MalformedChange {
+                                doc: addr,
+                                seq: *seq,
+                                reason,
+                            },
+                        ));
+                    }
+                    report.docs.push((addr, stats));
+                }
                 Err(e) => report.rejected.push((addr, e)),
             }
         }

@@ -1,0 +1,138 @@
+//! Checks on remote changes before Automerge sees them.
+//!
+//! Automerge 0.12 panics, instead of returning an error, when a change operates on an object or
+//! list element the document does not have. A member device could use that to crash its peers,
+//! so every remote change is checked against the shape of roamsync's documents first:
+//!
+//! * operations on the root and on maps use map keys, never list positions;
+//! * an operation on an existing object names an object the document has;
+//! * lists (a message's attachments) are written only by the change that created them, and only
+//!   at positions that change inserted; text objects, tables, counters and marks do not occur;
+//! * every predecessor an operation names exists.
+//!
+//! The checks decode each change once; they cost a few microseconds per change.
+
+use std::collections::HashMap;
+
+use automerge::legacy::{ElementId, Key, ObjectId, OpId, OpType};
+use std::collections::HashSet;
+
+use automerge::{ActorId, Automerge, Change, ChangeHash, ObjType, ReadDoc};
+
+/// Kinds of objects created by the changes of one batch.
+type Created = HashMap<(u64, ActorId), ObjType>;
+
+/// Splits a topologically ordered run of changes into those that may be applied, in order, and
+/// those refused (with the reason), including every change that depends on a refused one.
+pub(crate) fn split_valid(
+    doc: &Automerge,
+    changes: Vec<Change>,
+) -> (Vec<Change>, Vec<(Change, &'static str)>) {
+    let mut created: Created = HashMap::new();
+    let mut bad: HashSet<ChangeHash> = HashSet::new();
+    let mut valid = Vec::with_capacity(changes.len());
+    let mut refused = Vec::new();
+    for change in changes {
+        if change.deps().iter().any(|d| bad.contains(d)) {
+            bad.insert(change.hash());
+            refused.push((change, "depends on a refused change"));
+            continue;
+        }
+        // Objects this change creates count only once it is accepted.
+        let mut mine: Created = HashMap::new();
+        match check_change(doc, &change, &created, &mut mine) {
+            Ok(()) => {
+                created.extend(mine);
+                valid.push(change);
+            }
+            Err(reason) => {
+                bad.insert(change.hash());
+                refused.push((change, reason));
+            }
+        }
+    }
+    (valid, refused)
+}
+
+fn check_change(
+    doc: &Automerge,
+    change: &Change,
+    earlier: &Created,
+    created: &mut Created,
+) -> Result<(), &'static str> {
+    let expanded = change.decode();
+    let actor = expanded.actor_id.clone();
+    let start = expanded.start_op.get();
+    // Objects and list insertions made by this change, by counter.
+    let mut own_lists: HashMap<u64, ()> = HashMap::new();
+    let mut own_inserts: HashMap<u64, u64> = HashMap::new();
+    let known = |id: &OpId, created: &Created| -> Option<ObjType> {
+        let k = (id.0, id.1.clone());
+        earlier.get(&k).or_else(|| created.get(&k)).copied()
+    };
+    for (i, op) in expanded.operations.iter().enumerate() {
+        let counter = start + i as u64;
+        for p in op.pred.iter() {
+            let own = p.1 == actor && p.0 >= start && p.0 < counter;
+            if !own && known(p, created).is_none() && !op_exists(doc, p) {
+                return Err("predecessor does not exist");
+            }
+        }
+        let target = match &op.obj {
+            ObjectId::Root => ObjType::Map,
+            ObjectId::Id(id) => match known(id, created) {
+                Some(t) => t,
+                None => match doc.object_type(automerge::ObjId::Id(id.0, id.1.clone(), usize::MAX))
+                {
+                    Ok(t) => t,
+                    Err(_) => return Err("operation on an unknown object"),
+                },
+            },
+        };
+        match target {
+            ObjType::Map => {
+                if op.insert || !matches!(op.key, Key::Map(_)) {
+                    return Err("list position used on a map");
+                }
+            }
+            ObjType::List => {
+                let ObjectId::Id(list) = &op.obj else {
+                    return Err("list position used on the root");
+                };
+                if list.1 != actor || !own_lists.contains_key(&list.0) {
+                    return Err("list written outside the change that made it");
+                }
+                match &op.key {
+                    Key::Seq(ElementId::Head) => {}
+                    Key::Seq(ElementId::Id(e))
+                        if e.1 == actor && own_inserts.get(&e.0) == Some(&list.0) => {}
+                    _ => return Err("unknown list position"),
+                }
+                if !op.insert {
+                    return Err("list element overwritten");
+                }
+                own_inserts.insert(counter, list.0);
+            }
+            _ => return Err("text and table objects are not used"),
+        }
+        match &op.action {
+            OpType::Make(t @ (ObjType::Map | ObjType::List)) => {
+                created.insert((counter, actor.clone()), *t);
+                if *t == ObjType::List {
+                    own_lists.insert(counter, ());
+                }
+            }
+            OpType::Make(_) => return Err("text and table objects are not used"),
+            OpType::Put(_) | OpType::Delete => {}
+            OpType::Increment(_) => return Err("counters are not used"),
+            OpType::MarkBegin(_) | OpType::MarkEnd(_) => return Err("marks are not used"),
+        }
+    }
+    Ok(())
+}
+
+/// Whether the document has an operation with this id.
+fn op_exists(doc: &Automerge, id: &OpId) -> bool {
+    doc.hash_for_opid(&automerge::ObjId::Id(id.0, id.1.clone(), usize::MAX))
+        .is_some()
+}
