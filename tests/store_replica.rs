@@ -344,3 +344,45 @@ fn model_errors_pass_through_and_change_nothing() {
         Err(ReplicaStoreError::Model(ModelError::UnknownConversation(_)))
     ));
 }
+
+#[test]
+fn an_adopted_replica_reopens_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("phone.db");
+    let cfg = config(8, 4);
+    let mut mem = Replica::new(ALICE, PHONE, cfg.model).unwrap();
+    let mut chats = Vec::new();
+    for c in 0..3u64 {
+        let chat = mem
+            .create_conversation(1_000 + c, &format!("chat {c}"), &[BOB])
+            .unwrap();
+        for i in 0..20u64 {
+            mem.send(2_000 + c * 100 + i, &chat, &Draft::text(format!("{c}/{i}")))
+                .unwrap();
+        }
+        chats.push(chat);
+    }
+    mem.set_flag(&chats[1], ListFlag::Pinned, true).unwrap();
+    let expected_list = mem.conversation_list().unwrap();
+    let expected_pages: Vec<_> = chats
+        .iter()
+        .map(|c| mem.history(c, None, 50).unwrap())
+        .collect();
+    let last = mem.clock().last();
+    drop(StoredReplica::adopt(&path, &StorageKey::from_bytes([9; 32]), mem, cfg).unwrap());
+
+    let mut r = open(&path, cfg);
+    assert_eq!(r.conversation_list().unwrap(), expected_list);
+    for (c, page) in chats.iter().zip(expected_pages) {
+        assert_eq!(r.history(c, None, 50).unwrap(), page);
+    }
+    assert!(r.send(0, &chats[0], &Draft::text("next")).unwrap().hlc > last);
+    // A store that holds documents cannot adopt another replica.
+    let again = StoredReplica::adopt(
+        &path,
+        &StorageKey::from_bytes([9; 32]),
+        Replica::new(ALICE, PHONE, cfg.model).unwrap(),
+        cfg,
+    );
+    assert!(matches!(again, Err(ReplicaStoreError::NotEmpty)));
+}

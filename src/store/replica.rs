@@ -83,6 +83,9 @@ pub enum ReplicaStoreError {
         /// The store's device.
         device: DeviceId,
     },
+    /// [`StoredReplica::adopt`] needs an empty store.
+    #[error("the store already holds documents")]
+    NotEmpty,
     /// An operation needed more document loads than allowed.
     #[error("operation needed more than {max} document loads")]
     TooManyLoads {
@@ -197,6 +200,53 @@ impl StoredReplica {
             .iter()
             .map(|(_, _, count)| estimate(*count))
             .sum()
+    }
+
+    /// Stores an in-memory replica into a new, empty store at `path`: every document becomes a
+    /// snapshot, with segment ranges, conversation summaries and the clock. For a device whose
+    /// history was built elsewhere (a bulk import, a migration, a test fixture).
+    pub fn adopt(
+        path: &Path,
+        key: &StorageKey,
+        replica: Replica,
+        config: StoreConfig,
+    ) -> Result<StoredReplica> {
+        let (account, device) = (replica.account(), replica.device());
+        let mut stored = StoredReplica::open(path, key, account, device, config)?;
+        if !stored.store.all_docs()?.is_empty() {
+            return Err(ReplicaStoreError::NotEmpty);
+        }
+        stored.replica = replica;
+        // Everything is written from snapshots below; the change chunks are not needed.
+        drop(stored.replica.take_unsaved());
+        let mut summaries = Vec::new();
+        for c in stored.replica.conversation_ids() {
+            if stored.replica.has_meta(&c) {
+                summaries.push(stored.replica.conversation_summary(&c)?);
+            }
+        }
+        let docs = stored.replica.docs();
+        let clock = stored.replica.clock().last().as_u64().to_be_bytes();
+        let replica = &stored.replica;
+        stored.store.write(|tx| {
+            for addr in &docs {
+                if let Some(snapshot) = replica.save_doc(addr) {
+                    tx.compact(addr, &snapshot)?;
+                }
+                if let DocAddr::Segment(c, n) = addr {
+                    if let Some(info) = replica.segment_info(c, *n) {
+                        tx.put_info(addr, &info.encode())?;
+                    }
+                }
+            }
+            for s in &summaries {
+                tx.put_summary(&s.id, &summary::encode(s))?;
+            }
+            tx.put_setting("clock", &clock)
+        })?;
+        stored.digest = stored.replica.account_digest();
+        stored.shrink_cache()?;
+        Ok(stored)
     }
 
     // ---- loading -------------------------------------------------------------------------
