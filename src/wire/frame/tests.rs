@@ -12,6 +12,11 @@ fn device() -> DeviceSecret {
 }
 
 fn sample_frames() -> Vec<Frame> {
+    static FRAMES: std::sync::OnceLock<Vec<Frame>> = std::sync::OnceLock::new();
+    FRAMES.get_or_init(build_sample_frames).clone()
+}
+
+fn build_sample_frames() -> Vec<Frame> {
     let a = device();
     let header = EnvelopeHeader {
         kind: EnvelopeKind::Snapshot,
