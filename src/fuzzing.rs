@@ -10,6 +10,7 @@ use crate::crypto::device_log::{DeviceLog, DeviceLogEntry};
 use crate::crypto::envelope::{EnvelopeHeader, EnvelopeKind, SealedEnvelope};
 use crate::crypto::identity::DeviceSecret;
 use crate::crypto::keys::{DocKey, KeyEpoch, Keyring};
+use crate::crypto::pairing::{PairingInvite, PairingJoin};
 use crate::crypto::rng::SeedRng;
 use crate::ids::{AccountId, DeviceId, DocId};
 use crate::wire::frame::{Frame, FrameDecoder, decode_frame};
@@ -179,6 +180,25 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
     .encode();
     stream.extend_from_slice(&f);
     out.push(("frame_decode", f));
+
+    // A pairing exchange that adds a third device.
+    let mut rng = SeedRng::from_seed([0xf1; 32]);
+    let joiner = DeviceSecret::generate(&mut rng);
+    if let Ok(mut invite) = PairingInvite::new(&mut rng, 0, 1_000) {
+        if let Ok((_, request)) =
+            PairingJoin::start(&invite.code(), &joiner, "third", "test", 0, 1_000)
+        {
+            if let Ok(response) = invite.handle_request(&request, 1, &b, &mut log, &ring, &mut rng)
+            {
+                let f = Frame::PairResponse(response).encode();
+                stream.extend_from_slice(&f);
+                out.push(("frame_decode", f));
+            }
+            let f = Frame::PairRequest(request).encode();
+            stream.extend_from_slice(&f);
+            out.push(("frame_decode", f));
+        }
+    }
     out.push(("frame_decode", stream));
     out
 }
@@ -190,7 +210,7 @@ mod tests {
     #[test]
     fn seeds_pass_every_check() {
         let seeds = seed_inputs();
-        assert_eq!(seeds.len(), 3 + 3 + 6);
+        assert_eq!(seeds.len(), 3 + 3 + 8);
         let [a, _] = fixture_devices();
         let ring = fixture_keyring();
         for (target, bytes) in &seeds {

@@ -2,7 +2,8 @@ use super::*;
 use crate::crypto::device_log::DeviceLog;
 use crate::crypto::envelope::{EnvelopeHeader, EnvelopeKind};
 use crate::crypto::identity::DeviceSecret;
-use crate::crypto::keys::{DocKey, KeyEpoch};
+use crate::crypto::keys::{DocKey, KeyEpoch, Keyring};
+use crate::crypto::pairing::{PairingInvite, PairingJoin};
 use crate::crypto::rng::SeedRng;
 use crate::ids::DocId;
 use proptest::prelude::*;
@@ -27,7 +28,17 @@ fn build_sample_frames() -> Vec<Frame> {
         last_seq: 1,
     };
     let env = SealedEnvelope::seal(&a, &DocKey::from_bytes([9; 32]), header, b"snap").unwrap();
-    let log = DeviceLog::create(&a, "phone", "android").unwrap();
+    let mut log = DeviceLog::create(&a, "phone", "android").unwrap();
+    let mut rng = SeedRng::from_seed([2; 32]);
+    let joiner = DeviceSecret::generate(&mut rng);
+    let mut invite = PairingInvite::new(&mut rng, 0, 1000).unwrap();
+    let (_, request) = PairingJoin::start(&invite.code(), &joiner, "tab", "ios", 0, 1000).unwrap();
+    let mut ring = Keyring::default();
+    ring.rotate(DocId::from_bytes([4; 32]), &[a.public()], &mut rng)
+        .unwrap();
+    let response = invite
+        .handle_request(&request, 1, &a, &mut log, &ring, &mut rng)
+        .unwrap();
     vec![
         Frame::Envelope(env),
         Frame::DeviceLogEntry {
@@ -38,6 +49,8 @@ fn build_sample_frames() -> Vec<Frame> {
             code: ErrorCode::UNAUTHORISED,
             message: "not a member".into(),
         },
+        Frame::PairRequest(request),
+        Frame::PairResponse(response),
     ]
 }
 
@@ -127,6 +140,20 @@ fn payload_errors() {
             version: 9
         }))
     );
+    let bytes = [FRAME_VERSION, 4, 0, 0, 0, 1, 9];
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(WireError::Pairing(PairingError::Codec(
+            CodecError::Truncated { .. }
+        )))
+    ));
+    let bytes = [FRAME_VERSION, 5, 0, 0, 0, 1, 9];
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(WireError::Pairing(PairingError::Codec(
+            CodecError::Truncated { .. }
+        )))
+    ));
     let bytes = [FRAME_VERSION, 2, 0, 0, 0, 1, 9];
     assert_eq!(
         decode_frame(&bytes),
@@ -187,14 +214,14 @@ proptest! {
     }
 
     #[test]
-    fn every_prefix_needs_more_bytes(which in 0usize..3, cut: usize) {
+    fn every_prefix_needs_more_bytes(which in 0usize..5, cut: usize) {
         let bytes = sample_frames()[which].encode();
         let cut = cut % bytes.len();
         prop_assert_eq!(decode_frame(&bytes[..cut]), Ok(None));
     }
 
     #[test]
-    fn mutated_frames_never_panic(which in 0usize..3, idx: usize, flip in 1u8..) {
+    fn mutated_frames_never_panic(which in 0usize..5, idx: usize, flip in 1u8..) {
         let mut bytes = sample_frames()[which].encode();
         let i = idx % bytes.len();
         bytes[i] ^= flip;
