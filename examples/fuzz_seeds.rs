@@ -19,7 +19,12 @@ fn main() -> std::io::Result<()> {
         write(target, bytes)?;
     }
     let garbage: [&[u8]; 4] = [b"", &[0xff; 7], &[1, 1, 0x7f, 0xff, 0xff, 0xff], &[0; 300]];
-    for target in ["frame_decode", "envelope_open", "device_log_verify"] {
+    for target in [
+        "frame_decode",
+        "envelope_open",
+        "device_log_verify",
+        "pairing_handle",
+    ] {
         for g in garbage {
             write(target, g)?;
         }

@@ -10,7 +10,7 @@ use crate::crypto::device_log::{DeviceLog, DeviceLogEntry};
 use crate::crypto::envelope::{EnvelopeHeader, EnvelopeKind, SealedEnvelope};
 use crate::crypto::identity::DeviceSecret;
 use crate::crypto::keys::{DocKey, KeyEpoch, Keyring};
-use crate::crypto::pairing::{PairingInvite, PairingJoin};
+use crate::crypto::pairing::{PairRequest, PairResponse, PairingInvite, PairingJoin};
 use crate::crypto::rng::SeedRng;
 use crate::ids::{AccountId, DeviceId, DocId};
 use crate::wire::frame::{Frame, FrameDecoder, decode_frame};
@@ -96,6 +96,79 @@ pub fn device_log_verify(data: &[u8]) {
         }
     }
     let _ = DeviceLog::verify(&fixture_account(), entries);
+}
+
+/// Everything both sides of a pairing hold before the exchange.
+struct PairingFixture {
+    inviter: DeviceSecret,
+    joiner: DeviceSecret,
+    log: DeviceLog,
+    ring: Keyring,
+    invite: PairingInvite,
+    join: PairingJoin,
+    request: PairRequest,
+    rng: SeedRng,
+}
+
+/// Time at which the fixture's pairing starts, and how long it stays open.
+const PAIRING_T0_MS: u64 = 1_000;
+const PAIRING_TTL_MS: u64 = 60_000;
+
+fn pairing_fixture() -> Option<PairingFixture> {
+    let [inviter, _] = fixture_devices();
+    let mut rng = SeedRng::from_seed([0xf2; 32]);
+    let joiner = DeviceSecret::generate(&mut rng);
+    let log = DeviceLog::from_genesis(fixture_genesis()).ok()?;
+    let invite = PairingInvite::new(&mut rng, PAIRING_T0_MS, PAIRING_TTL_MS).ok()?;
+    let (join, request) = PairingJoin::start(
+        &invite.code(),
+        &joiner,
+        "joiner",
+        "test",
+        PAIRING_T0_MS,
+        PAIRING_TTL_MS,
+    )
+    .ok()?;
+    Some(PairingFixture {
+        inviter,
+        joiner,
+        log,
+        ring: fixture_keyring(),
+        invite,
+        join,
+        request,
+        rng,
+    })
+}
+
+/// Feeds `data` to both pairing state machines of a fresh fixture: as a request to the inviter
+/// and as a response to the joiner.
+pub fn pairing_handle(data: &[u8]) {
+    let Some(mut f) = pairing_fixture() else {
+        return;
+    };
+    let now = PAIRING_T0_MS + 1;
+    if let Ok(request) = PairRequest::decode(data) {
+        assert_eq!(request.encode(), data, "requests re-encode exactly");
+        let before = f.log.len();
+        match f
+            .invite
+            .handle_request(&request, now, &f.inviter, &mut f.log, &f.ring, &mut f.rng)
+        {
+            Ok(response) => {
+                assert_eq!(f.log.len(), before + 1);
+                assert!(f.log.is_current(&request.device.device));
+                assert_eq!(response.keys.len(), FIXTURE_EPOCHS as usize);
+            }
+            Err(_) => assert_eq!(f.log.len(), before, "a failed request appends nothing"),
+        }
+    }
+    if let Ok(response) = PairResponse::decode(data) {
+        assert_eq!(response.encode(), data, "responses re-encode exactly");
+        if let Ok(joined) = f.join.handle_response(&response, now, &f.joiner) {
+            assert!(joined.log.is_current(&f.joiner.device_id()));
+        }
+    }
 }
 
 fn fixture_genesis() -> DeviceLogEntry {
@@ -200,6 +273,20 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
         }
     }
     out.push(("frame_decode", stream));
+
+    if let Some(mut f) = pairing_fixture() {
+        out.push(("pairing_handle", f.request.encode()));
+        if let Ok(response) = f.invite.handle_request(
+            &f.request,
+            PAIRING_T0_MS + 1,
+            &f.inviter,
+            &mut f.log,
+            &f.ring,
+            &mut f.rng,
+        ) {
+            out.push(("pairing_handle", response.encode()));
+        }
+    }
     out
 }
 
@@ -210,7 +297,7 @@ mod tests {
     #[test]
     fn seeds_pass_every_check() {
         let seeds = seed_inputs();
-        assert_eq!(seeds.len(), 3 + 3 + 8);
+        assert_eq!(seeds.len(), 3 + 3 + 8 + 2);
         let [a, _] = fixture_devices();
         let ring = fixture_keyring();
         for (target, bytes) in &seeds {
@@ -232,6 +319,7 @@ mod tests {
                     assert!(decode_frame(bytes).unwrap().is_some());
                     frame_decode(bytes);
                 }
+                "pairing_handle" => pairing_handle(bytes),
                 other => panic!("unknown target {other}"),
             }
         }
@@ -243,6 +331,30 @@ mod tests {
             frame_decode(data);
             envelope_open(data);
             device_log_verify(data);
+            pairing_handle(data);
         }
+    }
+
+    #[test]
+    fn pairing_seeds_complete_the_exchange() {
+        let mut f = pairing_fixture().unwrap();
+        let response = f
+            .invite
+            .handle_request(
+                &f.request,
+                PAIRING_T0_MS + 1,
+                &f.inviter,
+                &mut f.log,
+                &f.ring,
+                &mut f.rng,
+            )
+            .unwrap();
+        // A fresh fixture's joiner accepts the response built from the same fixture.
+        let mut g = pairing_fixture().unwrap();
+        let joined = g
+            .join
+            .handle_response(&response, PAIRING_T0_MS + 1, &g.joiner)
+            .unwrap();
+        assert_eq!(joined.keyring.docs().count(), 1);
     }
 }

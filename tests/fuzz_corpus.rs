@@ -32,3 +32,8 @@ fn envelope_open_corpus() {
 fn device_log_verify_corpus() {
     replay("device_log_verify", roamsync::fuzzing::device_log_verify);
 }
+
+#[test]
+fn pairing_handle_corpus() {
+    replay("pairing_handle", roamsync::fuzzing::pairing_handle);
+}
