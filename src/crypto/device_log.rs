@@ -405,6 +405,7 @@ pub struct DeviceRecord {
 
 /// What [`DeviceLog::append`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AppendOutcome {
     /// The entry extended the log.
     Appended,

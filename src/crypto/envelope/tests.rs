@@ -114,7 +114,18 @@ fn open_checks_in_order() {
         ))
     ));
 
+    // A relay, without keys, makes the same author checks.
+    assert!(matches!(
+        forged.verify_author(anyone),
+        Err(EnvelopeError::BadSignature(_))
+    ));
+    assert_eq!(env.verify_author(anyone), Ok(()));
+
     let only_b = |d: &DeviceId, _: &DocId, _: KeyEpoch| *d == b.device_id();
+    assert!(matches!(
+        env.verify_author(only_b),
+        Err(EnvelopeError::NotAuthorised { .. })
+    ));
     assert_eq!(
         env.open(&DOC, &ring, only_b).unwrap_err(),
         EnvelopeError::NotAuthorised {
