@@ -349,6 +349,9 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Bytes of `buf` already returned as frames. They are dropped lazily, once they make up half
+    /// the buffer, so that cutting many small frames out of a large buffer stays linear.
+    start: usize,
 }
 
 impl FrameDecoder {
@@ -358,12 +361,16 @@ impl FrameDecoder {
     /// Adds received bytes. Fails if the buffer would exceed [`Self::MAX_BUFFERED_BYTES`]; poll
     /// frames out before pushing more.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), WireError> {
-        let len = self.buf.len().saturating_add(bytes.len());
+        let len = self.buffered().saturating_add(bytes.len());
         if len > Self::MAX_BUFFERED_BYTES {
             return Err(WireError::BufferFull {
                 len,
                 max: Self::MAX_BUFFERED_BYTES,
             });
+        }
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
         }
         self.buf.extend_from_slice(bytes);
         Ok(())
@@ -371,10 +378,14 @@ impl FrameDecoder {
 
     /// The next complete frame, if one is buffered.
     pub fn poll_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        match decode_frame(&self.buf)? {
+        match decode_frame(&self.buf[self.start..])? {
             None => Ok(None),
             Some((frame, consumed)) => {
-                self.buf.drain(..consumed);
+                self.start += consumed;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
                 Ok(Some(frame))
             }
         }
@@ -382,7 +393,7 @@ impl FrameDecoder {
 
     /// Bytes buffered but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 }
 

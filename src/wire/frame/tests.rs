@@ -188,6 +188,32 @@ fn long_error_messages_are_cut_at_a_char_boundary() {
 }
 
 #[test]
+fn many_small_frames_stream_in_linear_time() {
+    let one = Frame::Error {
+        code: ErrorCode::MALFORMED,
+        message: String::new(),
+    }
+    .encode();
+    let n = FrameDecoder::MAX_BUFFERED_BYTES / one.len();
+    let mut dec = FrameDecoder::default();
+    dec.push(&one.repeat(n)).unwrap();
+    // A half frame stays buffered across compaction.
+    let mut count = 0;
+    while let Some(f) = dec.poll_frame().unwrap() {
+        assert_eq!(f.frame_type(), FrameType::Error);
+        count += 1;
+        if count == n / 2 {
+            dec.push(&one[..3]).unwrap();
+        }
+    }
+    assert_eq!(count, n);
+    assert_eq!(dec.buffered(), 3);
+    dec.push(&one[3..]).unwrap();
+    assert!(dec.poll_frame().unwrap().is_some());
+    assert_eq!(dec.buffered(), 0);
+}
+
+#[test]
 fn decoder_buffer_is_bounded() {
     let mut dec = FrameDecoder::default();
     dec.push(&vec![0; FrameDecoder::MAX_BUFFERED_BYTES])
