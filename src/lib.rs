@@ -3,6 +3,8 @@
 #![warn(missing_docs)]
 
 pub mod crypto;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod model;
 pub mod store;

@@ -21,6 +21,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use crate::crypto::identity::{DevicePublic, DeviceSecret, IdentityError, Signature, verify};
 use crate::ids::{AccountId, DeviceId};
@@ -133,14 +134,14 @@ pub enum DeviceLogError {
         len: usize,
     },
     /// Two different entries claim the same predecessor.
-    #[error("fork at position {seq}: {existing:02x?}… vs {conflicting:02x?}…")]
+    #[error("fork at position {seq}: entry {existing} vs {conflicting}")]
     Fork {
         /// The contested position.
         seq: u32,
-        /// First bytes of the hash of the entry already in the log.
-        existing: [u8; 4],
-        /// First bytes of the hash of the conflicting entry.
-        conflicting: [u8; 4],
+        /// Hash of the entry already in the log.
+        existing: EntryHash,
+        /// Hash of the conflicting entry.
+        conflicting: EntryHash,
     },
     /// The signer was never a device of this account.
     #[error("entry {seq} is signed by {signer}, which is not a device of this account")]
@@ -190,8 +191,24 @@ pub enum DeviceLogError {
 }
 
 /// The hash of an encoded entry; each entry names its predecessor's.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EntryHash(pub [u8; 32]);
+
+impl fmt::Display for EntryHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for EntryHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "EntryHash({:02x}{:02x}{:02x}{:02x}…)",
+            self.0[0], self.0[1], self.0[2], self.0[3]
+        )
+    }
+}
 
 /// What an entry does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -388,6 +405,7 @@ pub struct DeviceRecord {
 
 /// What [`DeviceLog::append`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AppendOutcome {
     /// The entry extended the log.
     Appended,
@@ -491,8 +509,8 @@ impl DeviceLog {
             if seq > 0 && entry.prev == self.hashes[seq - 1] {
                 return Err(DeviceLogError::Fork {
                     seq: entry.seq,
-                    existing: prefix(&self.hashes[seq]),
-                    conflicting: prefix(&entry.hash()),
+                    existing: self.hashes[seq],
+                    conflicting: entry.hash(),
                 });
             }
             return Err(DeviceLogError::BrokenChain { seq: entry.seq });
@@ -696,10 +714,6 @@ impl DeviceLog {
         r.finish()?;
         Ok(out)
     }
-}
-
-fn prefix(h: &EntryHash) -> [u8; 4] {
-    [h.0[0], h.0[1], h.0[2], h.0[3]]
 }
 
 #[cfg(test)]

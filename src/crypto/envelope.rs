@@ -450,6 +450,27 @@ impl SealedEnvelope {
         })
     }
 
+    /// Checks the author's signature and authorisation without any key: what a relay checks
+    /// before it stores an envelope.
+    pub fn verify_author(&self, authoriser: impl Authoriser) -> Result<(), EnvelopeError> {
+        let h = &self.header;
+        verify(
+            &h.author,
+            SIGNATURE_DOMAIN,
+            &self.signed_part(),
+            &self.signature,
+        )
+        .map_err(EnvelopeError::BadSignature)?;
+        if !authoriser.is_authorised(&h.author, &h.doc, h.epoch) {
+            return Err(EnvelopeError::NotAuthorised {
+                author: h.author,
+                doc: h.doc,
+                epoch: h.epoch,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks and decrypts the envelope as part of document `expected_doc`: the document, the
     /// signature, the author's authorisation, the key commitment, then decryption.
     pub fn open(
@@ -465,20 +486,7 @@ impl SealedEnvelope {
                 found: h.doc,
             });
         }
-        verify(
-            &h.author,
-            SIGNATURE_DOMAIN,
-            &self.signed_part(),
-            &self.signature,
-        )
-        .map_err(EnvelopeError::BadSignature)?;
-        if !authoriser.is_authorised(&h.author, &h.doc, h.epoch) {
-            return Err(EnvelopeError::NotAuthorised {
-                author: h.author,
-                doc: h.doc,
-                epoch: h.epoch,
-            });
-        }
+        self.verify_author(authoriser)?;
         let key = keys
             .doc_key(&h.doc, h.epoch)
             .ok_or(EnvelopeError::MissingKey {

@@ -16,6 +16,7 @@ use std::fmt;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use x25519_dalek::{PublicKey as XPublicKey, StaticSecret};
+use zeroize::Zeroizing;
 
 use crate::crypto::rng::SeedRng;
 use crate::ids::DeviceId;
@@ -162,6 +163,15 @@ impl DeviceSecret {
             signing: SigningKey::from_bytes(signing),
             agreement: StaticSecret::from(*agreement),
         }
+    }
+
+    /// The secret bytes (signing key, agreement key), for the device's keystore; restore them with
+    /// [`DeviceSecret::from_secret_bytes`]. The copies are zeroized when dropped.
+    pub fn secret_bytes_for_storage(&self) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+        (
+            Zeroizing::new(self.signing.to_bytes()),
+            Zeroizing::new(self.agreement.to_bytes()),
+        )
     }
 
     /// The device id: the ed25519 public key.
@@ -316,6 +326,14 @@ mod tests {
         assert!(shown.contains("<redacted>"));
         let hex: String = signing.iter().take(4).map(|b| format!("{b:02x}")).collect();
         assert!(!shown.contains(&hex));
+    }
+
+    #[test]
+    fn secrets_survive_storage() {
+        let a = device(5);
+        let (signing, agreement) = a.secret_bytes_for_storage();
+        let restored = DeviceSecret::from_secret_bytes(&signing, &agreement);
+        assert_eq!(restored.public(), a.public());
     }
 
     #[test]

@@ -371,6 +371,13 @@ impl Keyring {
         self.docs.get(doc)?.iter().next_back().map(|(e, k)| (*e, k))
     }
 
+    /// Every key, by document then epoch: what a device persists (sealed at rest).
+    pub fn iter(&self) -> impl Iterator<Item = (&DocId, KeyEpoch, &DocKey)> {
+        self.docs
+            .iter()
+            .flat_map(|(doc, epochs)| epochs.iter().map(move |(e, k)| (doc, *e, k)))
+    }
+
     /// Documents this keyring has keys for.
     pub fn docs(&self) -> impl Iterator<Item = &DocId> {
         self.docs.keys()

@@ -196,6 +196,41 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fields_round_trip(
+            a: u8, b: u16, c: u32, d: u64,
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+            text in "\\PC{0,20}",
+        ) {
+            prop_assume!(text.len() <= 255);
+            let mut w = Writer::default();
+            w.u8(a).u16(b).u32(c).u64(d).bytes_u32(&bytes).str_u8(&text);
+            let out = w.into_bytes();
+            // Claimed lengths are the real ones.
+            prop_assert_eq!(out.len(), 1 + 2 + 4 + 8 + 4 + bytes.len() + 1 + text.len());
+            let mut r = Reader::new(&out);
+            prop_assert_eq!(r.u8(), Ok(a));
+            prop_assert_eq!(r.u16(), Ok(b));
+            prop_assert_eq!(r.u32(), Ok(c));
+            prop_assert_eq!(r.u64(), Ok(d));
+            prop_assert_eq!(r.bytes_u32("b", 64), Ok(&bytes[..]));
+            prop_assert_eq!(r.str_u8("t", 255), Ok(text.as_str()));
+            prop_assert_eq!(r.finish(), Ok(()));
+        }
+
+        #[test]
+        fn truncation_is_an_error(data in proptest::collection::vec(any::<u8>(), 0..64), cut: usize) {
+            let cut = cut % (data.len() + 1);
+            let mut w = Writer::default();
+            w.bytes_u32(&data);
+            let out = w.into_bytes();
+            let mut r = Reader::new(&out[..cut.min(out.len().saturating_sub(1))]);
+            prop_assert!(r.bytes_u32("d", 64).is_err());
+        }
+    }
 
     #[test]
     fn reader_errors() {

@@ -1,7 +1,8 @@
 //! Versioned, length-prefixed frames: the unit devices and relays exchange.
 //!
 //! Every frame starts with a six-byte header: format version (`u8`), frame type (`u8`) and payload
-//! length (`u32`, big-endian). Each frame type has its own payload limit, checked as soon as the
+//! length (`u32`, big-endian). The types so far carry a sealed envelope, a device-log entry, an
+//! error report and the two pairing messages. Each frame type has its own payload limit, checked as soon as the
 //! header is in, so a peer cannot make the receiver buffer more than that type allows. Byte
 //! layouts are in `docs/PROTOCOL.md`.
 //!
@@ -23,6 +24,9 @@ use std::fmt;
 
 use crate::crypto::device_log::{DeviceLogEntry, DeviceLogError, MAX_ENTRY_BYTES};
 use crate::crypto::envelope::{EnvelopeError, MAX_ENVELOPE_BYTES, SealedEnvelope};
+use crate::crypto::pairing::{
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, PairRequest, PairResponse, PairingError,
+};
 use crate::ids::AccountId;
 use crate::wire::codec::{CodecError, Reader, Writer};
 
@@ -38,8 +42,29 @@ pub const MAX_ENVELOPE_FRAME_PAYLOAD: usize = MAX_ENVELOPE_BYTES;
 pub const MAX_LOG_ENTRY_FRAME_PAYLOAD: usize = AccountId::LEN + MAX_ENTRY_BYTES;
 /// Largest payload of an error frame.
 pub const MAX_ERROR_FRAME_PAYLOAD: usize = 2 + 2 + MAX_ERROR_MESSAGE_BYTES;
+/// Largest payload of a pairing-request frame.
+pub const MAX_PAIR_REQUEST_FRAME_PAYLOAD: usize = MAX_REQUEST_BYTES;
+/// Largest payload of a pairing-response frame.
+pub const MAX_PAIR_RESPONSE_FRAME_PAYLOAD: usize = MAX_RESPONSE_BYTES;
 /// Largest frame of any type, header included.
-pub const MAX_FRAME_BYTES: usize = FRAME_HEADER_LEN + MAX_ENVELOPE_FRAME_PAYLOAD;
+pub const MAX_FRAME_BYTES: usize = FRAME_HEADER_LEN
+    + max(
+        max(MAX_ENVELOPE_FRAME_PAYLOAD, MAX_LOG_ENTRY_FRAME_PAYLOAD),
+        max(
+            MAX_ERROR_FRAME_PAYLOAD,
+            max(
+                MAX_PAIR_REQUEST_FRAME_PAYLOAD,
+                MAX_PAIR_RESPONSE_FRAME_PAYLOAD,
+            ),
+        ),
+    );
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
+
+// Every length fits the header's u32 length field.
+const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);
 
 /// Errors of frame decoding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +107,9 @@ pub enum WireError {
     /// A device-log frame's payload is not an entry.
     #[error("device log frame: {0}")]
     DeviceLog(#[from] DeviceLogError),
+    /// A pairing frame's payload is not a pairing message.
+    #[error("pairing frame: {0}")]
+    Pairing(#[from] PairingError),
     /// The stream buffer would exceed its limit.
     #[error("receive buffer would hold {len} bytes, at most {max} allowed")]
     BufferFull {
@@ -148,6 +176,10 @@ pub enum FrameType {
     DeviceLogEntry = 0x02,
     /// An error report.
     Error = 0x03,
+    /// A new device's pairing request.
+    PairRequest = 0x04,
+    /// A current device's pairing response.
+    PairResponse = 0x05,
 }
 
 impl FrameType {
@@ -157,6 +189,8 @@ impl FrameType {
             0x01 => Ok(FrameType::Envelope),
             0x02 => Ok(FrameType::DeviceLogEntry),
             0x03 => Ok(FrameType::Error),
+            0x04 => Ok(FrameType::PairRequest),
+            0x05 => Ok(FrameType::PairResponse),
             frame_type => Err(WireError::UnknownType { frame_type }),
         }
     }
@@ -167,6 +201,8 @@ impl FrameType {
             FrameType::Envelope => MAX_ENVELOPE_FRAME_PAYLOAD,
             FrameType::DeviceLogEntry => MAX_LOG_ENTRY_FRAME_PAYLOAD,
             FrameType::Error => MAX_ERROR_FRAME_PAYLOAD,
+            FrameType::PairRequest => MAX_PAIR_REQUEST_FRAME_PAYLOAD,
+            FrameType::PairResponse => MAX_PAIR_RESPONSE_FRAME_PAYLOAD,
         }
     }
 }
@@ -191,6 +227,10 @@ pub enum Frame {
         /// Human-readable detail, at most [`MAX_ERROR_MESSAGE_BYTES`].
         message: String,
     },
+    /// A pairing request (MAC not yet checked).
+    PairRequest(PairRequest),
+    /// A pairing response (MAC and log not yet checked).
+    PairResponse(PairResponse),
 }
 
 impl Frame {
@@ -200,6 +240,8 @@ impl Frame {
             Frame::Envelope(_) => FrameType::Envelope,
             Frame::DeviceLogEntry { .. } => FrameType::DeviceLogEntry,
             Frame::Error { .. } => FrameType::Error,
+            Frame::PairRequest(_) => FrameType::PairRequest,
+            Frame::PairResponse(_) => FrameType::PairResponse,
         }
     }
 
@@ -225,6 +267,8 @@ impl Frame {
                     .put(&message.as_bytes()[..end]);
                 w.into_bytes()
             }
+            Frame::PairRequest(req) => req.encode(),
+            Frame::PairResponse(resp) => resp.encode(),
         };
         let mut w = Writer::with_capacity(FRAME_HEADER_LEN + payload.len());
         // Payloads are bounded by their type's limit, far below u32::MAX.
@@ -261,6 +305,8 @@ impl Frame {
                 r.finish()?;
                 Ok(Frame::Error { code, message })
             }
+            FrameType::PairRequest => Ok(Frame::PairRequest(PairRequest::decode(payload)?)),
+            FrameType::PairResponse => Ok(Frame::PairResponse(PairResponse::decode(payload)?)),
         }
     }
 }
@@ -303,6 +349,9 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Bytes of `buf` already returned as frames. They are dropped lazily, once they make up half
+    /// the buffer, so that cutting many small frames out of a large buffer stays linear.
+    start: usize,
 }
 
 impl FrameDecoder {
@@ -312,12 +361,16 @@ impl FrameDecoder {
     /// Adds received bytes. Fails if the buffer would exceed [`Self::MAX_BUFFERED_BYTES`]; poll
     /// frames out before pushing more.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), WireError> {
-        let len = self.buf.len().saturating_add(bytes.len());
+        let len = self.buffered().saturating_add(bytes.len());
         if len > Self::MAX_BUFFERED_BYTES {
             return Err(WireError::BufferFull {
                 len,
                 max: Self::MAX_BUFFERED_BYTES,
             });
+        }
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
         }
         self.buf.extend_from_slice(bytes);
         Ok(())
@@ -325,10 +378,14 @@ impl FrameDecoder {
 
     /// The next complete frame, if one is buffered.
     pub fn poll_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        match decode_frame(&self.buf)? {
+        match decode_frame(&self.buf[self.start..])? {
             None => Ok(None),
             Some((frame, consumed)) => {
-                self.buf.drain(..consumed);
+                self.start += consumed;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
                 Ok(Some(frame))
             }
         }
@@ -336,7 +393,7 @@ impl FrameDecoder {
 
     /// Bytes buffered but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 }
 

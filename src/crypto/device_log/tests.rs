@@ -307,7 +307,8 @@ proptest! {
 
     #[test]
     fn mutated_entries_never_panic_and_never_verify(idx: usize, flip in 1u8.., cut: usize) {
-        let (log, _) = three_device_log();
+        static LOG: std::sync::OnceLock<DeviceLog> = std::sync::OnceLock::new();
+        let log = LOG.get_or_init(|| three_device_log().0);
         let mut bytes = DeviceLog::encode_entries(log.entries());
         let i = idx % bytes.len();
         bytes[i] ^= flip;
@@ -318,6 +319,55 @@ proptest! {
         }
         let truncated = &bytes[..cut % bytes.len()];
         prop_assert!(DeviceLog::decode_entries(truncated).is_err());
+    }
+
+    #[test]
+    fn random_histories_verify_and_forks_anywhere_are_caught(
+        ops in proptest::collection::vec((any::<bool>(), any::<u8>(), any::<u8>()), 1..12),
+        fork_at: usize,
+    ) {
+        let devs: Vec<DeviceSecret> = (1..=6).map(device).collect();
+        let mut log = DeviceLog::create(&devs[0], "d0", "p").unwrap();
+        for (add, signer, target) in ops {
+            let current: Vec<usize> = (0..devs.len())
+                .filter(|i| log.is_current(&devs[*i].device_id()))
+                .collect();
+            let signer = &devs[current[usize::from(signer) % current.len()]];
+            let target = usize::from(target) % devs.len();
+            let entry = if add {
+                log.add_device(signer, devs[target].public(), "d", "p").unwrap()
+            } else {
+                log.revoke_device(signer, devs[target].device_id()).unwrap()
+            };
+            // Invalid operations (re-adding, revoking the last device) are refused and change
+            // nothing; valid ones extend the log.
+            let before = log.len();
+            match log.append(entry) {
+                Ok(AppendOutcome::Appended) => prop_assert_eq!(log.len(), before + 1),
+                Ok(AppendOutcome::AlreadyPresent) => prop_assert!(false, "fresh entry seen before"),
+                Err(_) => prop_assert_eq!(log.len(), before),
+            }
+            prop_assert!(log.current_devices().count() >= 1);
+        }
+        let again = DeviceLog::verify(&log.account(), log.entries().to_vec()).unwrap();
+        prop_assert_eq!(again.head(), log.head());
+        // A rival entry on top of any prefix is a fork of the full log.
+        let k = fork_at % log.len();
+        let prefix = DeviceLog::verify(&log.account(), log.entries()[..=k].to_vec()).unwrap();
+        let signer = prefix
+            .current_devices()
+            .next()
+            .map(|r| r.info.keys.device)
+            .unwrap();
+        let signer = devs.iter().find(|d| d.device_id() == signer).unwrap();
+        let rival = prefix.add_device(signer, device(99).public(), "rival", "p").unwrap();
+        let mut full = log.clone();
+        if k + 1 < log.len() {
+            let is_fork = matches!(full.append(rival), Err(DeviceLogError::Fork { .. }));
+            prop_assert!(is_fork);
+        } else {
+            prop_assert_eq!(full.append(rival), Ok(AppendOutcome::Appended));
+        }
     }
 
     #[test]

@@ -114,7 +114,18 @@ fn open_checks_in_order() {
         ))
     ));
 
+    // A relay, without keys, makes the same author checks.
+    assert!(matches!(
+        forged.verify_author(anyone),
+        Err(EnvelopeError::BadSignature(_))
+    ));
+    assert_eq!(env.verify_author(anyone), Ok(()));
+
     let only_b = |d: &DeviceId, _: &DocId, _: KeyEpoch| *d == b.device_id();
+    assert!(matches!(
+        env.verify_author(only_b),
+        Err(EnvelopeError::NotAuthorised { .. })
+    ));
     assert_eq!(
         env.open(&DOC, &ring, only_b).unwrap_err(),
         EnvelopeError::NotAuthorised {
@@ -193,7 +204,7 @@ fn seal_errors() {
 }
 
 #[test]
-fn largest_envelope_fits_the_limit() {
+fn largest_plaintext_seals_and_opens() {
     let a = device(1);
     let big = vec![7u8; MAX_PLAINTEXT_BYTES];
     let key = DocKey::from_bytes([1; 32]);
@@ -201,7 +212,30 @@ fn largest_envelope_fits_the_limit() {
         .unwrap()
         .encode();
     assert_eq!(bytes.len(), MAX_ENVELOPE_BYTES);
-    assert!(open(&bytes, &DOC, &ring_with(0, [1; 32]), anyone).is_ok());
+    assert_eq!(
+        open(&bytes, &DOC, &ring_with(0, [1; 32]), anyone)
+            .unwrap()
+            .plaintext,
+        big
+    );
+}
+
+#[test]
+fn largest_envelope_fits_the_limit() {
+    let a = device(1);
+    let mut env = sealed(&a, b"");
+    env.ciphertext = vec![0; MAX_PLAINTEXT_BYTES + TAG_LEN];
+    let mut bytes = env.encode();
+    assert_eq!(bytes.len(), MAX_ENVELOPE_BYTES);
+    assert_eq!(SealedEnvelope::decode(&bytes), Ok(env));
+    bytes.push(0);
+    assert_eq!(
+        SealedEnvelope::decode(&bytes).unwrap_err(),
+        EnvelopeError::TooLarge {
+            len: MAX_ENVELOPE_BYTES + 1,
+            max: MAX_ENVELOPE_BYTES
+        }
+    );
 }
 
 #[test]

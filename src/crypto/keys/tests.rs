@@ -147,6 +147,8 @@ fn export_gives_a_new_device_every_epoch() {
         assert_eq!(ns.key(&DOC, KeyEpoch(e)), ring.key(&DOC, KeyEpoch(e)));
     }
     assert_eq!(ns.docs().count(), 2);
+    assert_eq!(ns.iter().count(), 4);
+    assert!(ns.iter().all(|(d, e, k)| ring.key(d, e) == Some(k)));
 }
 
 #[test]

@@ -378,6 +378,19 @@ proptest! {
     }
 
     #[test]
+    fn codes_round_trip(bytes: [u8; PAIRING_SECRET_LEN], upper: bool) {
+        let s = PairingSecret(bytes);
+        let code = s.to_code();
+        let typed = if upper { code.to_uppercase() } else { code.clone() };
+        prop_assert_eq!(PairingSecret::parse_code(&typed), Ok(s));
+    }
+
+    #[test]
+    fn arbitrary_codes_never_panic(code in "\\PC{0,48}") {
+        let _ = PairingSecret::parse_code(&code);
+    }
+
+    #[test]
     fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..600)) {
         let _ = PairRequest::decode(&data);
         let _ = PairResponse::decode(&data);

@@ -2,7 +2,8 @@ use super::*;
 use crate::crypto::device_log::DeviceLog;
 use crate::crypto::envelope::{EnvelopeHeader, EnvelopeKind};
 use crate::crypto::identity::DeviceSecret;
-use crate::crypto::keys::{DocKey, KeyEpoch};
+use crate::crypto::keys::{DocKey, KeyEpoch, Keyring};
+use crate::crypto::pairing::{PairingInvite, PairingJoin};
 use crate::crypto::rng::SeedRng;
 use crate::ids::DocId;
 use proptest::prelude::*;
@@ -12,6 +13,11 @@ fn device() -> DeviceSecret {
 }
 
 fn sample_frames() -> Vec<Frame> {
+    static FRAMES: std::sync::OnceLock<Vec<Frame>> = std::sync::OnceLock::new();
+    FRAMES.get_or_init(build_sample_frames).clone()
+}
+
+fn build_sample_frames() -> Vec<Frame> {
     let a = device();
     let header = EnvelopeHeader {
         kind: EnvelopeKind::Snapshot,
@@ -22,7 +28,17 @@ fn sample_frames() -> Vec<Frame> {
         last_seq: 1,
     };
     let env = SealedEnvelope::seal(&a, &DocKey::from_bytes([9; 32]), header, b"snap").unwrap();
-    let log = DeviceLog::create(&a, "phone", "android").unwrap();
+    let mut log = DeviceLog::create(&a, "phone", "android").unwrap();
+    let mut rng = SeedRng::from_seed([2; 32]);
+    let joiner = DeviceSecret::generate(&mut rng);
+    let mut invite = PairingInvite::new(&mut rng, 0, 1000).unwrap();
+    let (_, request) = PairingJoin::start(&invite.code(), &joiner, "tab", "ios", 0, 1000).unwrap();
+    let mut ring = Keyring::default();
+    ring.rotate(DocId::from_bytes([4; 32]), &[a.public()], &mut rng)
+        .unwrap();
+    let response = invite
+        .handle_request(&request, 1, &a, &mut log, &ring, &mut rng)
+        .unwrap();
     vec![
         Frame::Envelope(env),
         Frame::DeviceLogEntry {
@@ -33,6 +49,8 @@ fn sample_frames() -> Vec<Frame> {
             code: ErrorCode::UNAUTHORISED,
             message: "not a member".into(),
         },
+        Frame::PairRequest(request),
+        Frame::PairResponse(response),
     ]
 }
 
@@ -122,6 +140,20 @@ fn payload_errors() {
             version: 9
         }))
     );
+    let bytes = [FRAME_VERSION, 4, 0, 0, 0, 1, 9];
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(WireError::Pairing(PairingError::Codec(
+            CodecError::Truncated { .. }
+        )))
+    ));
+    let bytes = [FRAME_VERSION, 5, 0, 0, 0, 1, 9];
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(WireError::Pairing(PairingError::Codec(
+            CodecError::Truncated { .. }
+        )))
+    ));
     let bytes = [FRAME_VERSION, 2, 0, 0, 0, 1, 9];
     assert_eq!(
         decode_frame(&bytes),
@@ -156,6 +188,32 @@ fn long_error_messages_are_cut_at_a_char_boundary() {
 }
 
 #[test]
+fn many_small_frames_stream_in_linear_time() {
+    let one = Frame::Error {
+        code: ErrorCode::MALFORMED,
+        message: String::new(),
+    }
+    .encode();
+    let n = FrameDecoder::MAX_BUFFERED_BYTES / one.len();
+    let mut dec = FrameDecoder::default();
+    dec.push(&one.repeat(n)).unwrap();
+    // A half frame stays buffered across compaction.
+    let mut count = 0;
+    while let Some(f) = dec.poll_frame().unwrap() {
+        assert_eq!(f.frame_type(), FrameType::Error);
+        count += 1;
+        if count == n / 2 {
+            dec.push(&one[..3]).unwrap();
+        }
+    }
+    assert_eq!(count, n);
+    assert_eq!(dec.buffered(), 3);
+    dec.push(&one[3..]).unwrap();
+    assert!(dec.poll_frame().unwrap().is_some());
+    assert_eq!(dec.buffered(), 0);
+}
+
+#[test]
 fn decoder_buffer_is_bounded() {
     let mut dec = FrameDecoder::default();
     dec.push(&vec![0; FrameDecoder::MAX_BUFFERED_BYTES])
@@ -182,14 +240,14 @@ proptest! {
     }
 
     #[test]
-    fn every_prefix_needs_more_bytes(which in 0usize..3, cut: usize) {
+    fn every_prefix_needs_more_bytes(which in 0usize..5, cut: usize) {
         let bytes = sample_frames()[which].encode();
         let cut = cut % bytes.len();
         prop_assert_eq!(decode_frame(&bytes[..cut]), Ok(None));
     }
 
     #[test]
-    fn mutated_frames_never_panic(which in 0usize..3, idx: usize, flip in 1u8..) {
+    fn mutated_frames_never_panic(which in 0usize..5, idx: usize, flip in 1u8..) {
         let mut bytes = sample_frames()[which].encode();
         let i = idx % bytes.len();
         bytes[i] ^= flip;
