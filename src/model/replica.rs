@@ -607,6 +607,11 @@ impl Replica {
         out
     }
 
+    /// A held document, for inspection (tests, diagnostics, persistence).
+    pub fn synced_doc(&self, addr: &DocAddr) -> Option<&SyncedDoc> {
+        self.synced(addr)
+    }
+
     fn synced(&self, addr: &DocAddr) -> Option<&SyncedDoc> {
         match addr {
             DocAddr::Account(a) if *a == self.account => Some(self.account_doc.doc()),
