@@ -822,3 +822,98 @@ proptest! {
         world.check_converged();
     }
 }
+
+// ---- concurrent roll-over ------------------------------------------------------------------
+
+/// Sends everything `from` holds that `to` may hold and lacks.
+fn push_all(from: &Replica, to: &mut Replica, now_ms: u64) {
+    let batches: Vec<ChangeBatch> = from
+        .docs()
+        .iter()
+        .filter(|addr| !matches!(addr, DocAddr::Account(a) if *a != to.account()))
+        .filter_map(|addr| from.changes_since(addr, &to.version_vector(addr)))
+        .collect();
+    let report = to.apply(now_ms, batches);
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+}
+
+#[test]
+fn concurrent_offline_roll_over_creates_no_object_twice() {
+    let config = ModelConfig {
+        segment_cap: 2,
+        ..ModelConfig::default()
+    };
+    let mut a = Replica::new(account(1), device(1), config).unwrap();
+    let mut b = Replica::new(account(2), device(2), config).unwrap();
+    let c = a
+        .create_conversation(BASE_MS, "pair", &[account(2)])
+        .unwrap();
+    let mut sent = vec![a.send(BASE_MS + 1, &c, &Draft::text("a0")).unwrap()];
+    push_all(&a, &mut b, BASE_MS + 2);
+    sent.push(b.send(BASE_MS + 3, &c, &Draft::text("b0")).unwrap());
+    push_all(&b, &mut a, BASE_MS + 4);
+    // Segment 0 is full on both sides. Offline, each device fills segment 1 and opens segment 2.
+    for i in 0..3u64 {
+        sent.push(
+            a.send(BASE_MS + 10 + i, &c, &Draft::text(format!("a{}", i + 1)))
+                .unwrap(),
+        );
+        sent.push(
+            b.send(BASE_MS + 10 + i, &c, &Draft::text(format!("b{}", i + 1)))
+                .unwrap(),
+        );
+    }
+    let expected_docs = vec![
+        DocAddr::Account(account(1)),
+        DocAddr::Meta(c),
+        DocAddr::Segment(c, 0),
+        DocAddr::Segment(c, 1),
+        DocAddr::Segment(c, 2),
+    ];
+    assert_eq!(a.docs(), expected_docs);
+    push_all(&a, &mut b, BASE_MS + 20);
+    push_all(&b, &mut a, BASE_MS + 21);
+
+    for addr in [DocAddr::Segment(c, 1), DocAddr::Segment(c, 2)] {
+        // Both devices wrote into the same segment document.
+        let vv = a.version_vector(&addr);
+        assert!(vv.seq(&device(1)) > 0 && vv.seq(&device(2)) > 0, "{addr:?}");
+        assert_eq!(vv, b.version_vector(&addr));
+        // Every message map has exactly one creator.
+        let doc = a.synced_doc(&addr).unwrap().doc();
+        let keys: Vec<String> = doc.keys(automerge::ROOT).collect();
+        assert!(keys.len() >= 2, "{addr:?} holds {keys:?}");
+        for key in keys {
+            let all = doc.get_all(automerge::ROOT, key.as_str()).unwrap();
+            assert_eq!(all.len(), 1, "{addr:?} key {key}");
+            assert!(matches!(all[0].0, Value::Object(ObjType::Map)));
+        }
+    }
+    // The meta index entries of the new segments conflict, but only as scalars, and both
+    // replicas resolve them to the same value.
+    for n in [1u32, 2] {
+        let key = format!("seg/{n:08x}");
+        let meta_a = a.synced_doc(&DocAddr::Meta(c)).unwrap().doc();
+        let meta_b = b.synced_doc(&DocAddr::Meta(c)).unwrap().doc();
+        let all = meta_a.get_all(automerge::ROOT, key.as_str()).unwrap();
+        assert_eq!(all.len(), 2, "both devices opened segment {n}");
+        assert!(all.iter().all(|(v, _)| matches!(v, Value::Scalar(_))));
+        assert_eq!(
+            meta_a.get(automerge::ROOT, key.as_str()).unwrap(),
+            meta_b.get(automerge::ROOT, key.as_str()).unwrap()
+        );
+    }
+    for r in [&a, &b] {
+        for addr in r.docs() {
+            assert_no_object_conflicts(r.synced_doc(&addr).unwrap().doc(), &format!("{addr:?}"));
+        }
+        for id in &sent {
+            r.message(&c, id).unwrap();
+        }
+    }
+    let history = full_history(&a, &c);
+    assert_eq!(history, full_history(&b, &c));
+    let mut ids = sent.clone();
+    ids.sort();
+    assert_eq!(history.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+}
