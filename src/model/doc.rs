@@ -197,6 +197,13 @@ impl SyncedDoc {
     pub fn apply(&mut self, changes: Vec<Change>) -> Result<DocApply, ModelError> {
         let mut fresh: Vec<Change> = Vec::new();
         let mut seen_now: HashSet<ChangeHash> = HashSet::new();
+        // Sequence numbers already taken by waiting changes: a second, different change with one
+        // of them is equivocation too, whether it waits beside the first or arrives with it.
+        let mut claimed: HashSet<(DeviceId, u64)> = self
+            .pending
+            .values()
+            .filter_map(|c| Some((device_of(c.actor_id()).ok()?, c.seq())))
+            .collect();
         let mut duplicates = 0;
         for change in changes {
             let device = device_of(change.actor_id())?;
@@ -209,7 +216,8 @@ impl SyncedDoc {
                 continue;
             }
             let held = self.log.get(&device).map_or(0, Vec::len) as u64;
-            if change.seq() == 0 || change.seq() <= held {
+            if change.seq() == 0 || change.seq() <= held || !claimed.insert((device, change.seq()))
+            {
                 return Err(ModelError::Equivocation {
                     doc: self.addr,
                     device,
