@@ -40,6 +40,9 @@ pub mod query;
 pub mod replica;
 pub mod segment;
 
+#[cfg(test)]
+mod tests;
+
 pub use account::ListFlag;
 pub use batch::{BatchError, ChangeBatch};
 pub use doc::{DocApply, VersionVector};
