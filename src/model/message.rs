@@ -224,7 +224,7 @@ pub(crate) fn read(
     key: &MessageKey,
 ) -> Option<Message> {
     let (obj, device) = locate(doc, key)?;
-    let author = AccountId::from_bytes(bytes(doc, &obj, ACCT)?.try_into().ok()?);
+    let author = author(doc, &obj)?;
     let recalled = flag(doc, &obj, RECALLED);
     let body = if recalled {
         None
@@ -260,8 +260,14 @@ pub(crate) fn author_and_recalled(
     key: &MessageKey,
 ) -> Option<(AccountId, bool)> {
     let (obj, _) = locate(doc, key)?;
-    let author = AccountId::from_bytes(bytes(doc, &obj, ACCT)?.try_into().ok()?);
-    Some((author, flag(doc, &obj, RECALLED)))
+    Some((author(doc, &obj)?, flag(doc, &obj, RECALLED)))
+}
+
+/// The author account of a message object, if it holds a well-formed one.
+pub(crate) fn author(doc: &impl ReadDoc, obj: &ObjId) -> Option<AccountId> {
+    Some(AccountId::from_bytes(
+        bytes(doc, obj, ACCT)?.try_into().ok()?,
+    ))
 }
 
 fn scalar(doc: &impl ReadDoc, obj: &ObjId, prop: &str) -> Option<ScalarValue> {
