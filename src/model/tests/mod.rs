@@ -2,6 +2,7 @@
 
 mod batch;
 mod errors;
+mod hostile;
 mod ops;
 mod sync;
 
