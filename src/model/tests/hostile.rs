@@ -161,3 +161,69 @@ fn malformed_meta_entries_never_panic() {
         assert!(a.message(&c, id).is_ok());
     }
 }
+
+/// A change by `attacker` on top of `deps` made of one raw operation.
+fn raw_change(
+    attacker: &DeviceId,
+    deps: Vec<automerge::ChangeHash>,
+    op: automerge::legacy::Op,
+) -> automerge::Change {
+    automerge::Change::from(automerge::ExpandedChange {
+        operations: vec![op],
+        actor_id: actor_of(attacker),
+        hash: None,
+        seq: 1,
+        start_op: std::num::NonZeroU64::MIN.saturating_add(99),
+        time: 0,
+        message: None,
+        deps,
+        extra_bytes: Vec::new(),
+        author: None,
+    })
+}
+
+/// Known gap: Automerge 0.12 panics (instead of returning an error) when a change refers to an
+/// object or list element the document does not have, and the model hands remote changes to
+/// Automerge without checking their operations. A member device can therefore crash its peers.
+#[test]
+#[ignore = "automerge 0.12 panics on operations that refer to unknown objects"]
+fn operations_on_unknown_objects_are_refused_not_panics() {
+    use automerge::legacy::{ElementId, Key, ObjectId, Op, OpId, OpType, SortedVec};
+
+    let mut a = replica(1, 1, 16);
+    let c = a.create_conversation(T0, "x", &[account(2)]).unwrap();
+    a.send(T0, &c, &Draft::text("hi")).unwrap();
+    let segment = DocAddr::Segment(c, 0);
+    let attacker = device(9);
+    let ghost = OpId(999, actor_of(&attacker));
+    let ops = [
+        Op {
+            action: OpType::Put(ScalarValue::Int(1)),
+            obj: ObjectId::Id(ghost.clone()),
+            key: Key::Map("k".into()),
+            pred: SortedVec::new(),
+            insert: false,
+        },
+        Op {
+            action: OpType::Put(ScalarValue::Int(1)),
+            obj: ObjectId::Root,
+            key: Key::Seq(ElementId::Id(ghost)),
+            pred: SortedVec::new(),
+            insert: true,
+        },
+    ];
+    for op in ops {
+        let mut b = replica(1, 2, 16);
+        sync(&a, &mut b, T0);
+        let change = raw_change(&attacker, a.heads(&segment), op);
+        let report = b.apply(
+            T0,
+            vec![ChangeBatch {
+                addr: segment,
+                changes: vec![change],
+            }],
+        );
+        assert_eq!(report.rejected.len(), 1);
+        assert_eq!(b.history(&c, None, 10).unwrap().messages.len(), 1);
+    }
+}
