@@ -126,3 +126,58 @@ fn a_document_split_over_batches_is_applied_in_one_call() {
     assert_eq!(report.docs[0].1.applied, 5);
     assert_eq!(report.docs[0].1.pending, 0);
 }
+
+#[test]
+fn a_saved_document_loads_with_its_change_log() {
+    use crate::model::ModelError;
+    use crate::model::doc::SyncedDoc;
+    use crate::model::segment::Segment;
+    use automerge::{ActorId, Automerge, transaction::Transactable};
+
+    let mut a = replica(1, 1, 16);
+    let mut b = replica(2, 2, 16);
+    let c = a.create_conversation(T0, "save", &[account(2)]).unwrap();
+    a.send(T0 + 1, &c, &Draft::text("a")).unwrap();
+    sync(&a, &mut b, T0 + 2);
+    b.send(T0 + 3, &c, &Draft::text("b")).unwrap();
+    sync(&b, &mut a, T0 + 4);
+    let addr = DocAddr::Segment(c, 0);
+    let held = a.synced_doc(&addr).unwrap();
+    let mut loaded = SyncedDoc::load(addr, device(1), &held.save()).unwrap();
+    assert_eq!(loaded.addr(), addr);
+    assert_eq!(loaded.version_vector(), held.version_vector());
+    assert_eq!(loaded.heads(), held.heads());
+    let hashes = |d: &SyncedDoc| {
+        let mut h: Vec<_> = d
+            .changes_since(&VersionVector::new())
+            .iter()
+            .map(|c| c.hash())
+            .collect();
+        h.sort();
+        h
+    };
+    assert_eq!(hashes(&loaded), hashes(held));
+    // The loaded document keeps writing as its device, continuing its sequence.
+    loaded
+        .write(|tx| {
+            tx.put(automerge::ROOT, "x", 1)?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(loaded.version_vector().seq(&device(1)), 2);
+    let segment = Segment::from_doc(0, SyncedDoc::load(addr, device(1), &held.save()).unwrap());
+    assert_eq!(segment.len(), 2);
+
+    assert!(matches!(
+        SyncedDoc::load(addr, device(1), b"not a document"),
+        Err(ModelError::Automerge(_))
+    ));
+    let mut foreign = Automerge::new().with_actor(ActorId::from(&[1u8; 4][..]));
+    let mut tx = foreign.transaction();
+    tx.put(automerge::ROOT, "k", 1).unwrap();
+    tx.commit();
+    assert!(matches!(
+        SyncedDoc::load(addr, device(1), &foreign.save()),
+        Err(ModelError::BadActor { len: 4 })
+    ));
+}
