@@ -161,6 +161,13 @@ fn not_member() {
 #[test]
 fn too_large() {
     let (mut a, _, c, ma, _) = pair();
+    let held = |r: &Replica| {
+        r.docs()
+            .iter()
+            .map(|d| (*d, r.version_vector(d)))
+            .collect::<Vec<_>>()
+    };
+    let before = held(&a);
     let body = "x".repeat(MAX_BODY_BYTES + 1);
     expect_too_large(
         a.send(T0, &c, &Draft::text(body.clone())),
@@ -260,6 +267,7 @@ fn too_large() {
         MAX_SETTING_BYTES + 1,
         MAX_SETTING_BYTES,
     );
+    assert_eq!(held(&a), before, "a refused call writes nothing");
     // At the limits everything is accepted.
     a.send(T0, &c, &Draft::text("x".repeat(MAX_BODY_BYTES)))
         .unwrap();
@@ -267,7 +275,6 @@ fn too_large() {
     a.react(&c, &ma, &"r".repeat(MAX_REACTION_BYTES), true)
         .unwrap();
     assert_eq!(a.history(&c, None, MAX_PAGE).unwrap().messages.len(), 3);
-    // Nothing refused left a trace: 3 messages, and the first title change was refused.
     assert_eq!(
         a.conversation_summary(&c).unwrap().title,
         "t".repeat(MAX_TITLE_BYTES)
@@ -513,4 +520,43 @@ fn equivocation_among_waiting_changes_is_refused() {
     assert_eq!(report.docs[0].1.applied, 2);
     assert_eq!(report.docs[0].1.pending, 0);
     assert_eq!(a.version_vector(&addr).seq(&forked), 2);
+}
+
+#[test]
+fn exhausted_clock_is_a_clock_error_and_writes_nothing() {
+    use crate::model::hlc::HlcError;
+
+    let mut a = replica(1, 1, 16);
+    let c = a.create_conversation(T0, "c", &[]).unwrap();
+    a.clock_mut().resume(Hlc::from_u64(u64::MAX));
+    let exhausted = |e: ModelError| matches!(e, ModelError::Clock(HlcError::Exhausted));
+    assert!(exhausted(a.send(T0, &c, &Draft::text("x")).unwrap_err()));
+    assert!(exhausted(a.create_conversation(T0, "d", &[]).unwrap_err()));
+    assert!(exhausted(a.add_member(T0, &c, &account(2)).unwrap_err()));
+    assert!(a.history(&c, None, 10).unwrap().messages.is_empty());
+    assert_eq!(a.conversation_ids(), vec![c]);
+    assert_eq!(a.members(&c).unwrap(), vec![account(1)]);
+}
+
+#[test]
+fn conversation_exists() {
+    // A peer that predicts the id this device will derive next gets there first.
+    let mut a = replica(1, 1, 16);
+    let predicted = ConversationId::derive(&device(1), Hlc::new(T0, 0));
+    let squatter = first_change(actor_of(&device(9)), "title");
+    let report = a.apply(
+        T0,
+        vec![ChangeBatch {
+            addr: DocAddr::Meta(predicted),
+            changes: vec![squatter],
+        }],
+    );
+    assert!(report.rejected.is_empty());
+    assert!(matches!(
+        a.create_conversation(T0, "mine", &[]),
+        Err(ModelError::ConversationExists(id)) if id == predicted
+    ));
+    // The clock moved on, so the next attempt derives another id.
+    let c = a.create_conversation(T0, "mine", &[]).unwrap();
+    assert_ne!(c, predicted);
 }
