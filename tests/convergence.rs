@@ -4,7 +4,10 @@
 //! batches between them: batches are delivered late, out of order, twice or never, sometimes only
 //! in part, sometimes through the wire encoding, and devices go offline for stretches. After a
 //! final exchange of everything, every device must show the same state (see the invariants in
-//! `check_converged`).
+//! `check_converged`), and a new device fed every change in a shuffled order must agree with them.
+//!
+//! A second test rolls two offline devices over to the same new segment and checks, object by
+//! object, that no two devices ever created the same Automerge object concurrently.
 
 use std::collections::{BTreeMap, BTreeSet};
 
