@@ -4,6 +4,7 @@ mod batch;
 mod errors;
 mod hostile;
 mod ops;
+mod paging;
 mod sync;
 
 use crate::ids::{AccountId, DeviceId, DocAddr};
