@@ -665,6 +665,9 @@ impl Replica {
                 Err(e) => report.rejected.push((addr, e)),
             }
         }
+        // Each segment lists its own new messages in order, but the key ranges of segments
+        // overlap when devices wrote offline, so the whole list is put in conversation order.
+        report.new_messages.sort();
         report
     }
 
