@@ -203,6 +203,8 @@ struct Node {
     replica: Replica,
     skew_ms: u64,
     offline: bool,
+    /// Messages this device has shown: sent here or reported new by `apply`.
+    seen: BTreeSet<MessageId>,
 }
 
 struct Conv {
@@ -239,6 +241,7 @@ impl World {
                 replica: Replica::new(acct, device(i as u8 + 1), config).expect("valid config"),
                 skew_ms: skews[i % skews.len()],
                 offline: false,
+                seen: BTreeSet::new(),
             });
         }
         let mut w = World {
@@ -355,6 +358,7 @@ impl World {
                         assert_eq!(got.body.as_deref(), Some(draft.body.as_str()));
                         assert_eq!(got.reply_to, reply_to);
                         self.convs[c].sent.push(m);
+                        self.nodes[node].seen.insert(m);
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -503,6 +507,17 @@ impl World {
             "skews are far below the bound: {:?}",
             report.clock_skew
         );
+        // Each message is reported new exactly once, and in conversation order.
+        for w in report.new_messages.windows(2) {
+            assert!(
+                w[0].0 != w[1].0 || w[0].1 < w[1].1,
+                "new messages out of order: {:?}",
+                report.new_messages
+            );
+        }
+        for (_, m) in &report.new_messages {
+            assert!(self.nodes[to].seen.insert(*m), "{m:?} reported new twice");
+        }
         report.docs.iter().any(|(_, d)| d.applied > 0)
     }
 

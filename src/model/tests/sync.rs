@@ -181,3 +181,27 @@ fn a_saved_document_loads_with_its_change_log() {
         Err(ModelError::BadActor { len: 4 })
     ));
 }
+
+#[test]
+fn new_messages_are_reported_in_conversation_order_across_segments() {
+    use super::batches;
+
+    let mut a = replica(1, 1, 2);
+    let mut b = replica(2, 2, 2);
+    let mut c_dev = replica(2, 3, 2);
+    let c = a.create_conversation(T0, "order", &[account(2)]).unwrap();
+    let m0 = a.send(T0 + 1, &c, &Draft::text("m0")).unwrap();
+    sync(&a, &mut b, T0 + 2);
+    // a fills segment 0 and opens segment 1; b, offline, still sees room in segment 0 and
+    // writes a newer message there.
+    let m1 = a.send(T0 + 10, &c, &Draft::text("m1")).unwrap();
+    let m2 = a.send(T0 + 30, &c, &Draft::text("m2")).unwrap();
+    let m3 = b.send(T0 + 40, &c, &Draft::text("m3")).unwrap();
+    let mut all = batches(&a, &c_dev);
+    all.extend(batches(&b, &c_dev));
+    let report = c_dev.apply(T0 + 50, all);
+    assert!(report.rejected.is_empty());
+    let new: Vec<_> = report.new_messages.iter().map(|(_, m)| *m).collect();
+    assert_eq!(new, vec![m0, m1, m2, m3]);
+    assert!(report.new_messages.iter().all(|(x, _)| *x == c));
+}
