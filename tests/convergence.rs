@@ -496,7 +496,26 @@ impl World {
 
     fn deliver(&mut self, to: usize, batches: Vec<ChangeBatch>) -> bool {
         let now = self.now(to);
+        let addrs: BTreeSet<DocAddr> = batches.iter().map(|b| b.addr).collect();
+        let held = |r: &Replica, addr: &DocAddr| -> u64 {
+            r.version_vector(addr).iter().map(|(_, seq)| *seq).sum()
+        };
+        let before: Vec<u64> = addrs
+            .iter()
+            .map(|a| held(&self.nodes[to].replica, a))
+            .collect();
         let report = self.nodes[to].replica.apply(now, batches);
+        // What a document reports applied is exactly how far its version vector moved.
+        for (addr, was) in addrs.iter().zip(before) {
+            let applied: usize = report
+                .docs
+                .iter()
+                .filter(|(a, _)| a == addr)
+                .map(|(_, d)| d.applied)
+                .sum();
+            let now_held = held(&self.nodes[to].replica, addr);
+            assert_eq!(now_held - was, applied as u64, "{addr:?}");
+        }
         assert!(
             report.rejected.is_empty(),
             "honest batches were rejected: {:?}",
@@ -665,6 +684,16 @@ impl World {
                 }
                 let doc = self.nodes[from].replica.synced_doc(&addr).expect("listed");
                 assert_eq!(doc.pending_len(), 0, "changes still wait in {addr:?}");
+                // The version vector agrees with the changes Automerge holds.
+                let mut counts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+                for meta in doc.doc().get_changes_meta(&[]) {
+                    *counts.entry(meta.actor.to_bytes().to_vec()).or_default() += 1;
+                }
+                let from_vv: BTreeMap<Vec<u8>, u64> = vv
+                    .iter()
+                    .map(|(d, seq)| (d.as_bytes().to_vec(), *seq))
+                    .collect();
+                assert_eq!(counts, from_vv, "{addr:?}");
             }
         }
     }
