@@ -452,6 +452,28 @@ fn bad_actor_is_refused() {
         &report.rejected[..],
         [(x, ModelError::BadActor { len: 3 })] if *x == addr
     ));
+    // A refused batch changes nothing, not even its well-formed changes.
+    let good = first_change(actor_of(&device(7)), "k");
+    let short = first_change(ActorId::from(&[1u8, 2, 3][..]), "k");
+    let report = a.apply(
+        T0,
+        vec![ChangeBatch {
+            addr,
+            changes: vec![good.clone(), short],
+        }],
+    );
+    assert_eq!(report.rejected.len(), 1);
+    let doc = a.synced_doc(&addr).unwrap();
+    assert_eq!(doc.version_vector().seq(&device(7)), 0);
+    assert_eq!(doc.pending_len(), 0);
+    let report = a.apply(
+        T0,
+        vec![ChangeBatch {
+            addr,
+            changes: vec![good],
+        }],
+    );
+    assert_eq!(report.docs[0].1.applied, 1);
 }
 
 #[test]
