@@ -634,6 +634,8 @@ impl Replica {
     }
 
     /// The changes of a document that a replica at `have` lacks, or `None` if there are none.
+    /// The batch can exceed what one encoded batch may hold: split it with
+    /// [`ChangeBatch::split`] before encoding.
     pub fn changes_since(&self, addr: &DocAddr, have: &VersionVector) -> Option<ChangeBatch> {
         let changes = self.synced(addr)?.changes_since(have);
         (!changes.is_empty()).then_some(ChangeBatch {
@@ -643,6 +645,7 @@ impl Replica {
     }
 
     /// The changes of a document that are not ancestors of `heads`, or `None` if there are none.
+    /// As with [`Replica::changes_since`], split the batch before encoding.
     pub fn changes_since_heads(&self, addr: &DocAddr, heads: &[ChangeHash]) -> Option<ChangeBatch> {
         let changes = self.synced(addr)?.changes_since_heads(heads);
         (!changes.is_empty()).then_some(ChangeBatch {
