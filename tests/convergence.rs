@@ -599,6 +599,7 @@ impl World {
                 if *encode {
                     batches = batches
                         .into_iter()
+                        .flat_map(ChangeBatch::split)
                         .map(|b| {
                             let bytes = b.encode();
                             assert_eq!(bytes.len(), b.encoded_len());

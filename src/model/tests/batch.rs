@@ -7,7 +7,7 @@ use proptest::sample::Index;
 use crate::ids::{AccountId, ConversationId, DocAddr};
 use crate::model::batch::{BATCH_VERSION, BatchError, ChangeBatch};
 use crate::model::doc::actor_of;
-use crate::model::limits::{MAX_BATCH_BYTES, MAX_BATCH_CHANGES};
+use crate::model::limits::{MAX_BATCH_BYTES, MAX_BATCH_CHANGES, MAX_BODY_BYTES};
 
 use super::device;
 
@@ -115,6 +115,53 @@ fn decode_errors() {
     );
 }
 
+#[test]
+fn split_keeps_every_batch_decodable() {
+    // What a segment of a few hundred messages with the largest body lacks on a new device:
+    // well under the default segment cap, and too large to decode as one batch.
+    let big = changes(actor_of(&device(1)), &["x".repeat(MAX_BODY_BYTES)]).remove(0);
+    let count = MAX_BATCH_BYTES / MAX_BODY_BYTES + 1;
+    let addr = DocAddr::Segment(ConversationId::from_bytes([3; 16]), 0);
+    let batch = ChangeBatch {
+        addr,
+        changes: vec![big; count],
+    };
+    assert!(matches!(
+        ChangeBatch::decode(&batch.encode()),
+        Err(BatchError::TooLarge { .. })
+    ));
+    let all = hashes(&batch);
+    let parts = batch.split();
+    assert_eq!(parts.len(), 2);
+    let mut again = Vec::new();
+    for part in &parts {
+        let bytes = part.encode();
+        assert!(bytes.len() <= MAX_BATCH_BYTES);
+        let decoded = ChangeBatch::decode(&bytes).unwrap();
+        assert_eq!(decoded.addr, addr);
+        again.extend(hashes(&decoded));
+    }
+    assert_eq!(again, all, "every change once, in order");
+}
+
+#[test]
+fn split_respects_the_change_count() {
+    let small = changes(actor_of(&device(1)), &["x".into()]).remove(0);
+    let batch = ChangeBatch {
+        addr: DocAddr::Meta(ConversationId::from_bytes([4; 16])),
+        changes: vec![small; MAX_BATCH_CHANGES + 1],
+    };
+    let parts = batch.split();
+    let sizes: Vec<usize> = parts.iter().map(|p| p.changes.len()).collect();
+    assert_eq!(sizes, vec![MAX_BATCH_CHANGES, 1]);
+    assert!(parts.iter().all(|p| p.encoded_len() <= MAX_BATCH_BYTES));
+    let empty = ChangeBatch {
+        addr: DocAddr::Meta(ConversationId::from_bytes([4; 16])),
+        changes: Vec::new(),
+    };
+    assert!(empty.split().is_empty());
+}
+
 fn addr_strategy() -> impl Strategy<Value = DocAddr> {
     prop_oneof![
         any::<[u8; 32]>().prop_map(|a| DocAddr::Account(AccountId::from_bytes(a))),
@@ -147,6 +194,12 @@ proptest! {
         prop_assert_eq!(back.addr, batch.addr);
         prop_assert_eq!(hashes(&back), hashes(&batch));
         prop_assert_eq!(back.encode(), bytes);
+        // A batch within the limits splits into itself (or into nothing if it is empty).
+        let parts = batch.clone().split();
+        prop_assert_eq!(parts.len(), usize::from(!batch.changes.is_empty()));
+        for part in parts {
+            prop_assert_eq!(part.encode(), batch.encode());
+        }
     }
 
     #[test]
