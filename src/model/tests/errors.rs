@@ -582,3 +582,34 @@ fn conversation_exists() {
     let c = a.create_conversation(T0, "mine", &[]).unwrap();
     assert_ne!(c, predicted);
 }
+
+#[test]
+fn too_many_members() {
+    let mut a = replica(1, 1, 16);
+    let others = |n: usize| -> Vec<crate::ids::AccountId> {
+        (0..n)
+            .map(|i| {
+                let mut b = [0xaa; 32];
+                b[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                crate::ids::AccountId::from_bytes(b)
+            })
+            .collect()
+    };
+    expect_too_large(
+        a.create_conversation(T0, "crowd", &others(MAX_MEMBERS)),
+        "members",
+        MAX_MEMBERS + 1,
+        MAX_MEMBERS,
+    );
+    // Duplicates and the creator itself count once: this is one member over, not two.
+    let mut crowd = others(MAX_MEMBERS);
+    crowd.push(crowd[0]);
+    crowd.push(account(1));
+    expect_too_large(
+        a.create_conversation(T0, "crowd", &crowd),
+        "members",
+        MAX_MEMBERS + 1,
+        MAX_MEMBERS,
+    );
+    assert!(a.conversation_ids().is_empty());
+}
