@@ -520,3 +520,24 @@ fn far_future_message_is_shown_but_does_not_drag_the_clock() {
     assert!(report.clock_skew.is_empty());
     assert!(b.clock().last() >= near.hlc);
 }
+
+/// Known gap: `recall` promises that the text leaves the current state of every replica, but an
+/// edit concurrent with the recall writes the body again after the merge. Readers show the
+/// message as recalled without a body (tested above); the text itself stays in the document.
+#[test]
+#[ignore = "an edit concurrent with a recall leaves its text in the current document state"]
+fn edit_concurrent_with_recall_leaves_no_text_in_the_document() {
+    let mut a1 = replica(1, 1, 16);
+    let mut a2 = replica(1, 2, 16);
+    let c = a1.create_conversation(T0, "race", &[]).unwrap();
+    let m = a1.send(T0 + 1, &c, &Draft::text("first")).unwrap();
+    sync(&a1, &mut a2, T0 + 2);
+    a1.recall(&c, &m).unwrap();
+    a2.edit(&c, &m, "second").unwrap();
+    sync_pair(&mut a1, &mut a2, T0 + 3);
+    for r in [&a1, &a2] {
+        let doc = r.synced_doc(&DocAddr::Segment(c, 0)).unwrap().doc();
+        let (obj, _) = message::locate(doc, &m.key()).unwrap();
+        assert!(doc.get(&obj, BODY).unwrap().is_none());
+    }
+}
