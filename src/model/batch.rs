@@ -105,13 +105,52 @@ impl ChangeBatch {
 
     /// The exact length of [`ChangeBatch::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
-        1 + self.addr.encoded_len()
-            + 4
+        self.header_len()
             + self
                 .changes
                 .iter()
                 .map(|c| 4 + c.raw_bytes().len())
                 .sum::<usize>()
+    }
+
+    /// Bytes before the first change: version, kind, address and change count.
+    fn header_len(&self) -> usize {
+        1 + self.addr.encoded_len() + 4
+    }
+
+    /// Splits the batch, keeping the order of its changes, into batches that each stay within
+    /// what [`ChangeBatch::decode`] accepts ([`MAX_BATCH_CHANGES`] changes, [`MAX_BATCH_BYTES`]
+    /// bytes). What a document lacks can exceed those limits (a few hundred messages of the
+    /// largest body already do), so a sender splits before it encodes; the receiver keeps changes
+    /// whose dependencies come in a later batch until they arrive.
+    ///
+    /// A batch without changes splits into none. A single change too large for any batch (local
+    /// changes never come close) ends up alone in a batch that the decoder refuses.
+    pub fn split(self) -> Vec<ChangeBatch> {
+        let header = self.header_len();
+        let mut out = Vec::new();
+        let mut part: Vec<Change> = Vec::new();
+        let mut len = header;
+        for change in self.changes {
+            let size = 4 + change.raw_bytes().len();
+            if !part.is_empty() && (len + size > MAX_BATCH_BYTES || part.len() == MAX_BATCH_CHANGES)
+            {
+                out.push(ChangeBatch {
+                    addr: self.addr,
+                    changes: std::mem::take(&mut part),
+                });
+                len = header;
+            }
+            len += size;
+            part.push(change);
+        }
+        if !part.is_empty() {
+            out.push(ChangeBatch {
+                addr: self.addr,
+                changes: part,
+            });
+        }
+        out
     }
 
     /// Decodes and checks a batch. Never panics; every defect is a [`BatchError`].

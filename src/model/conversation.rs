@@ -205,7 +205,13 @@ impl Conversation {
             return Err(self.not_loaded(current));
         }
         let full = self.segments.get(&current).is_some_and(|s| s.len() >= cap);
-        let n = if full { current + 1 } else { current };
+        // Segment numbers come from peers too: a misbehaving member can index or write the last
+        // number there is, and counting past it must not overflow. The last segment just grows.
+        let n = if full {
+            current.saturating_add(1)
+        } else {
+            current
+        };
         if indexed.is_none_or(|i| i < n) {
             let opened = opener.encode();
             self.meta.write(|tx| {

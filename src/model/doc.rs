@@ -83,6 +83,9 @@ pub struct SyncedDoc {
     unsaved: Vec<u8>,
     /// Whether the pending buffer changed since the last [`SyncedDoc::take_unsaved`].
     pending_dirty: bool,
+    /// Message maps whose text or recall flag remote changes wrote since the last
+    /// [`SyncedDoc::take_touched`].
+    touched: Vec<(u64, automerge::ActorId)>,
 }
 
 /// What a store must write to make a document durable: the changes applied since the last call,
@@ -113,6 +116,7 @@ impl SyncedDoc {
             pending: HashMap::new(),
             unsaved: Vec::new(),
             pending_dirty: false,
+            touched: Vec::new(),
         }
     }
 
@@ -145,6 +149,7 @@ impl SyncedDoc {
             pending: pending.iter().map(|c| (c.hash(), c.clone())).collect(),
             unsaved: Vec::new(),
             pending_dirty: false,
+            touched: Vec::new(),
         };
         let mut metas: Vec<(DeviceId, u64, ChangeHash)> = Vec::new();
         for meta in out.doc.get_changes_meta(&[]) {
@@ -249,6 +254,13 @@ impl SyncedDoc {
     pub fn apply(&mut self, changes: Vec<Change>) -> Result<DocApply, ModelError> {
         let mut fresh: Vec<Change> = Vec::new();
         let mut seen_now: HashSet<ChangeHash> = HashSet::new();
+        // Sequence numbers already taken by waiting changes: a second, different change with one
+        // of them is equivocation too, whether it waits beside the first or arrives with it.
+        let mut claimed: HashSet<(DeviceId, u64)> = self
+            .pending
+            .values()
+            .filter_map(|c| Some((device_of(c.actor_id()).ok()?, c.seq())))
+            .collect();
         let mut duplicates = 0;
         for change in changes {
             let device = device_of(change.actor_id())?;
@@ -261,7 +273,8 @@ impl SyncedDoc {
                 continue;
             }
             let held = self.log.get(&device).map_or(0, Vec::len) as u64;
-            if change.seq() == 0 || change.seq() <= held {
+            if change.seq() == 0 || change.seq() <= held || !claimed.insert((device, change.seq()))
+            {
                 return Err(ModelError::Equivocation {
                     doc: self.addr,
                     device,
@@ -283,8 +296,11 @@ impl SyncedDoc {
             self.pending.insert(change.hash(), change);
         }
         let ready = self.take_ready()?;
-        let (ready, refused) = validate::split_valid(&self.doc, ready);
-        let refused: Vec<(DeviceId, u64, &'static str)> = refused
+        let checked = validate::split_valid(&self.doc, ready);
+        let ready = checked.valid;
+        self.touched.extend(checked.touched);
+        let refused: Vec<(DeviceId, u64, &'static str)> = checked
+            .refused
             .iter()
             .map(|(c, reason)| Ok((device_of(c.actor_id())?, c.seq(), *reason)))
             .collect::<Result<_, ModelError>>()?;
@@ -387,6 +403,14 @@ impl SyncedDoc {
             applied: std::mem::take(&mut self.unsaved),
             pending,
         }
+    }
+
+    /// Takes the message objects whose text, attachments or recall flag remote changes wrote.
+    pub(crate) fn take_touched(&mut self) -> Vec<automerge::ObjId> {
+        std::mem::take(&mut self.touched)
+            .into_iter()
+            .map(|(counter, actor)| automerge::ObjId::Id(counter, actor, usize::MAX))
+            .collect()
     }
 
     /// Whether anything applied or buffered has not been taken by [`SyncedDoc::take_unsaved`].

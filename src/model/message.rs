@@ -224,7 +224,7 @@ pub(crate) fn read(
     key: &MessageKey,
 ) -> Option<Message> {
     let (obj, device) = locate(doc, key)?;
-    let author = AccountId::from_bytes(bytes(doc, &obj, ACCT)?.try_into().ok()?);
+    let author = author(doc, &obj)?;
     let recalled = flag(doc, &obj, RECALLED);
     let body = if recalled {
         None
@@ -253,6 +253,28 @@ pub(crate) fn read(
     })
 }
 
+/// Deletes a message's text and attachments. Deleting an absent key would still write an
+/// operation, so only what is there is deleted.
+pub(crate) fn strip_content(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    obj: &ObjId,
+) -> Result<(), ModelError> {
+    for field in [BODY, ATTACHMENTS] {
+        if tx.get(obj, field)?.is_some() {
+            tx.delete(obj, field)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `obj` is a recalled message by `account` that still holds text or attachments.
+pub(crate) fn recalled_with_content(doc: &impl ReadDoc, obj: &ObjId, account: &AccountId) -> bool {
+    flag(doc, obj, RECALLED)
+        && bytes(doc, obj, ACCT).is_some_and(|a| a.as_slice() == account.as_bytes())
+        && (matches!(doc.get(obj, BODY), Ok(Some(_)))
+            || matches!(doc.get(obj, ATTACHMENTS), Ok(Some(_))))
+}
+
 /// The author account of the message at `key` and whether it is recalled, without reading the
 /// rest: what unread counting needs.
 pub(crate) fn author_and_recalled(
@@ -260,8 +282,14 @@ pub(crate) fn author_and_recalled(
     key: &MessageKey,
 ) -> Option<(AccountId, bool)> {
     let (obj, _) = locate(doc, key)?;
-    let author = AccountId::from_bytes(bytes(doc, &obj, ACCT)?.try_into().ok()?);
-    Some((author, flag(doc, &obj, RECALLED)))
+    Some((author(doc, &obj)?, flag(doc, &obj, RECALLED)))
+}
+
+/// The author account of a message object, if it holds a well-formed one.
+pub(crate) fn author(doc: &impl ReadDoc, obj: &ObjId) -> Option<AccountId> {
+    Some(AccountId::from_bytes(
+        bytes(doc, obj, ACCT)?.try_into().ok()?,
+    ))
 }
 
 fn scalar(doc: &impl ReadDoc, obj: &ObjId, prop: &str) -> Option<ScalarValue> {

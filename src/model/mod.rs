@@ -41,6 +41,9 @@ pub mod replica;
 pub mod segment;
 mod validate;
 
+#[cfg(test)]
+mod tests;
+
 pub use account::ListFlag;
 pub use batch::{BatchError, ChangeBatch};
 pub use doc::{DocApply, SyncedDoc, Unsaved, VersionVector};

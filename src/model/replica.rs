@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use automerge::{ChangeHash, ReadDoc, ScalarValue, transaction::Transactable};
+use automerge::{ChangeHash, ScalarValue, transaction::Transactable};
 
 use crate::ids::{AccountId, ConversationId, DeviceId, DocAddr, MessageId, MessageKey};
 use crate::model::account::{AccountDoc, ListFlag};
@@ -345,12 +345,7 @@ impl Replica {
                 conversation: *conversation,
                 message: *id,
             })?;
-            // Deleting an absent key would still write an operation: delete only what is there.
-            for field in [message::BODY, message::ATTACHMENTS] {
-                if tx.get(&obj, field)?.is_some() {
-                    tx.delete(&obj, field)?;
-                }
-            }
+            message::strip_content(tx, &obj)?;
             tx.put(&obj, message::RECALLED, true)?;
             Ok(())
         })
@@ -661,6 +656,11 @@ impl Replica {
         out
     }
 
+    /// A held document, for inspection (tests, diagnostics, persistence).
+    pub fn synced_doc(&self, addr: &DocAddr) -> Option<&SyncedDoc> {
+        self.synced(addr)
+    }
+
     fn synced(&self, addr: &DocAddr) -> Option<&SyncedDoc> {
         match addr {
             DocAddr::Account(a) if *a == self.account => Some(self.account_doc.doc()),
@@ -778,6 +778,8 @@ impl Replica {
     }
 
     /// The changes of a document that a replica at `have` lacks, or `None` if there are none.
+    /// The batch can exceed what one encoded batch may hold: split it with
+    /// [`ChangeBatch::split`] before encoding.
     pub fn changes_since(&self, addr: &DocAddr, have: &VersionVector) -> Option<ChangeBatch> {
         let changes = self.synced(addr)?.changes_since(have);
         (!changes.is_empty()).then_some(ChangeBatch {
@@ -787,6 +789,7 @@ impl Replica {
     }
 
     /// The changes of a document that are not ancestors of `heads`, or `None` if there are none.
+    /// As with [`Replica::changes_since`], split the batch before encoding.
     pub fn changes_since_heads(&self, addr: &DocAddr, heads: &[ChangeHash]) -> Option<ChangeBatch> {
         let changes = self.synced(addr)?.changes_since_heads(heads);
         (!changes.is_empty()).then_some(ChangeBatch {
@@ -821,6 +824,9 @@ impl Replica {
                 Err(e) => report.rejected.push((addr, e)),
             }
         }
+        // Each segment lists its own new messages in order, but the key ranges of segments
+        // overlap when devices wrote offline, so the whole list is put in conversation order.
+        report.new_messages.sort();
         report
     }
 
@@ -866,6 +872,25 @@ impl Replica {
                         report.clock_skew.push((m.id, e));
                     }
                     report.new_messages.push((c, m.id));
+                }
+                // An edit concurrent with a recall writes the text back. The author's devices
+                // remove it again, so that a recalled text leaves the current state everywhere
+                // once they have seen both.
+                let touched = segment.doc_mut().take_touched();
+                let account = self.account;
+                let stale: Vec<automerge::ObjId> = touched
+                    .into_iter()
+                    .filter(|obj| {
+                        message::recalled_with_content(segment.doc().doc(), obj, &account)
+                    })
+                    .collect();
+                if !stale.is_empty() {
+                    segment.doc_mut().write(|tx| {
+                        for obj in &stale {
+                            message::strip_content(tx, obj)?;
+                        }
+                        Ok(())
+                    })?;
                 }
                 Ok(stats)
             }

@@ -158,13 +158,16 @@ impl Segment {
             let Some(key) = MessageKey::decode(&item.key) else {
                 continue;
             };
-            if valid_object(
+            // Only messages that can be read are indexed: a map without a well-formed author
+            // (a misbehaving device can write one) would otherwise take a place in history pages
+            // and in the segment count while showing nothing, and could hide older messages.
+            let readable = valid_object(
                 &key,
                 matches!(item.value, ValueRef::Object(ObjType::Map)),
                 &item.id(),
             )
-            .is_some()
-            {
+            .is_some_and(|(obj, _)| message::author(doc, &obj).is_some());
+            if readable {
                 keys.push(key);
             }
         }

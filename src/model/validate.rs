@@ -22,15 +22,28 @@ use automerge::{ActorId, Automerge, Change, ChangeHash, ObjType, ReadDoc};
 /// Kinds of objects created by the changes of one batch.
 type Created = HashMap<(u64, ActorId), ObjType>;
 
-/// Splits a topologically ordered run of changes into those that may be applied, in order, and
-/// those refused (with the reason), including every change that depends on a refused one.
-pub(crate) fn split_valid(
-    doc: &Automerge,
-    changes: Vec<Change>,
-) -> (Vec<Change>, Vec<(Change, &'static str)>) {
+/// Operation counters of the changes accepted so far in one batch, per actor: `start..end`.
+type Accepted = HashMap<ActorId, Vec<std::ops::Range<u64>>>;
+
+/// The result of checking a run of changes.
+pub(crate) struct Checked {
+    /// Changes that may be applied, in order.
+    pub valid: Vec<Change>,
+    /// Changes refused, with the reason; every change depending on a refused one is refused too.
+    pub refused: Vec<(Change, &'static str)>,
+    /// Maps (messages) whose text, attachments or recall flag the valid changes write: object
+    /// id counter and actor.
+    pub touched: Vec<(u64, ActorId)>,
+}
+
+/// Splits a topologically ordered run of changes into those that may be applied and those
+/// refused.
+pub(crate) fn split_valid(doc: &Automerge, changes: Vec<Change>) -> Checked {
     let mut created: Created = HashMap::new();
+    let mut accepted: Accepted = HashMap::new();
     let mut bad: HashSet<ChangeHash> = HashSet::new();
     let mut valid = Vec::with_capacity(changes.len());
+    let mut touched = Vec::new();
     let mut refused = Vec::new();
     for change in changes {
         if change.deps().iter().any(|d| bad.contains(d)) {
@@ -40,9 +53,15 @@ pub(crate) fn split_valid(
         }
         // Objects this change creates count only once it is accepted.
         let mut mine: Created = HashMap::new();
-        match check_change(doc, &change, &created, &mut mine) {
-            Ok(()) => {
+        match check_change(doc, &change, &created, &accepted, &mut mine) {
+            Ok(objects) => {
+                touched.extend(objects);
                 created.extend(mine);
+                let start = change.start_op().get();
+                accepted
+                    .entry(change.actor_id().clone())
+                    .or_default()
+                    .push(start..start + change.len() as u64);
                 valid.push(change);
             }
             Err(reason) => {
@@ -51,21 +70,27 @@ pub(crate) fn split_valid(
             }
         }
     }
-    (valid, refused)
+    Checked {
+        valid,
+        refused,
+        touched,
+    }
 }
 
 fn check_change(
     doc: &Automerge,
     change: &Change,
     earlier: &Created,
+    accepted: &Accepted,
     created: &mut Created,
-) -> Result<(), &'static str> {
+) -> Result<Vec<(u64, ActorId)>, &'static str> {
     let expanded = change.decode();
     let actor = expanded.actor_id.clone();
     let start = expanded.start_op.get();
     // Objects and list insertions made by this change, by counter.
     let mut own_lists: HashMap<u64, ()> = HashMap::new();
     let mut own_inserts: HashMap<u64, u64> = HashMap::new();
+    let mut touched = Vec::new();
     let known = |id: &OpId, created: &Created| -> Option<ObjType> {
         let k = (id.0, id.1.clone());
         earlier.get(&k).or_else(|| created.get(&k)).copied()
@@ -74,7 +99,10 @@ fn check_change(
         let counter = start + i as u64;
         for p in op.pred.iter() {
             let own = p.1 == actor && p.0 >= start && p.0 < counter;
-            if !own && known(p, created).is_none() && !op_exists(doc, p) {
+            let in_batch = accepted
+                .get(&p.1)
+                .is_some_and(|ranges| ranges.iter().any(|r| r.contains(&p.0)));
+            if !own && !in_batch && known(p, created).is_none() && !op_exists(doc, p) {
                 return Err("predecessor does not exist");
             }
         }
@@ -91,8 +119,16 @@ fn check_change(
         };
         match target {
             ObjType::Map => {
-                if op.insert || !matches!(op.key, Key::Map(_)) {
+                let Key::Map(key) = &op.key else {
                     return Err("list position used on a map");
+                };
+                if op.insert {
+                    return Err("list position used on a map");
+                }
+                if let ObjectId::Id(id) = &op.obj {
+                    if matches!(key.as_str(), "body" | "recalled" | "att") {
+                        touched.push((id.0, id.1.clone()));
+                    }
                 }
             }
             ObjType::List => {
@@ -128,7 +164,7 @@ fn check_change(
             OpType::MarkBegin(_) | OpType::MarkEnd(_) => return Err("marks are not used"),
         }
     }
-    Ok(())
+    Ok(touched)
 }
 
 /// Whether the document has an operation with this id.
