@@ -40,6 +40,7 @@ fn config() -> StoreConfig {
 }
 
 fn measure(dir: &Path) {
+    let start_kib = status_kib("VmRSS:");
     let mut r = StoredReplica::open(
         &dir.join("device.db"),
         &StorageKey::from_bytes(KEY),
@@ -48,8 +49,15 @@ fn measure(dir: &Path) {
         config(),
     )
     .unwrap();
+    let opened_kib = status_kib("VmRSS:");
     let chat = r.conversation_list().unwrap()[0].id;
     let base_kib = status_kib("VmRSS:");
+    println!(
+        "RSS at start {:.1} MiB, after opening the store {:.1} MiB, after listing {:.1} MiB",
+        start_kib as f64 / 1024.0,
+        opened_kib as f64 / 1024.0,
+        base_kib as f64 / 1024.0
+    );
     let started = Instant::now();
     let mut before: Option<Cursor> = None;
     let (mut seen, mut pages, mut max_cache) = (0usize, 0usize, 0usize);

@@ -855,12 +855,21 @@ impl World {
                     .collect();
                 let shown: Vec<MessageId> = histories[&i].iter().map(|m| m.id).collect();
                 assert_eq!(shown, expected, "history of node {i} in {c}");
-                // Unread: other accounts' messages after the read position, not recalled or hidden.
+                // Unread: other accounts' messages, not recalled or hidden, after both the read
+                // position and this account's own latest (visible) message.
                 let read = r.read_position(&c);
+                let own_last = histories[&i]
+                    .iter()
+                    .filter(|m| m.author == me)
+                    .map(|m| m.id.key())
+                    .max();
                 let unread = histories[&i]
                     .iter()
                     .filter(|m| {
-                        m.author != me && !m.recalled && read.is_none_or(|k| m.id.key() > k)
+                        m.author != me
+                            && !m.recalled
+                            && read.is_none_or(|k| m.id.key() > k)
+                            && own_last.is_none_or(|k| m.id.key() > k)
                     })
                     .count() as u64;
                 assert_eq!(r.unread_count(&c).unwrap(), unread, "unread on node {i}");

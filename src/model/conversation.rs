@@ -393,23 +393,44 @@ impl Conversation {
                 .any(|i| i.min_key.is_some_and(|lo| lo < *key))
     }
 
-    /// Keys strictly after `after`, across segments, unsorted, with their segment.
-    pub fn keys_after(
+    /// Visits the keys strictly after `after`, newest first across segments, until `visit`
+    /// returns `false`. An unloaded segment is asked for only when its keys would come next.
+    pub fn visit_after_desc(
         &self,
         after: MessageKey,
-    ) -> Result<impl Iterator<Item = (MessageKey, &Segment)>, ModelError> {
+        mut visit: impl FnMut(&MessageKey, &Segment) -> bool,
+    ) -> Result<(), ModelError> {
+        let mut cursors: Vec<(&Segment, &[MessageKey])> = self
+            .segments
+            .values()
+            .map(|s| (s, s.keys_after(after)))
+            .filter(|(_, keys)| !keys.is_empty())
+            .collect();
         let unloaded = self
             .unloaded
             .iter()
-            .find(|(_, i)| i.max_key.is_some_and(|hi| hi > after));
-        if let Some((n, _)) = unloaded {
-            return Err(self.not_loaded(*n));
+            .filter_map(|(n, i)| i.max_key.filter(|hi| *hi > after).map(|hi| (hi, *n)))
+            .max();
+        loop {
+            let next = cursors
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, keys))| keys.last().map(|k| (*k, i)))
+                .max();
+            match (next, unloaded) {
+                (next, Some((hi, n))) if next.is_none_or(|(k, _)| hi > k) => {
+                    return Err(self.not_loaded(n));
+                }
+                (Some((key, i)), _) => {
+                    let (segment, keys) = &mut cursors[i];
+                    *keys = &keys[..keys.len() - 1];
+                    if !visit(&key, segment) {
+                        return Ok(());
+                    }
+                }
+                (None, _) => return Ok(()),
+            }
         }
-        Ok(self
-            .segments
-            .values()
-            .filter(move |s| s.max_key().is_some_and(|hi| hi > after))
-            .flat_map(move |s| s.keys_after(after).iter().map(move |k| (*k, s))))
     }
 }
 

@@ -254,7 +254,8 @@ impl Replica {
     // ---- messages ------------------------------------------------------------------------
 
     /// Sends a message. Returns its id; the message is in this replica's state when this returns.
-    /// Sending also marks everything before it as read on this device.
+    /// Messages before one's own latest message do not count as unread (see
+    /// [`Replica::unread_count`]), so sending writes nothing to the account document.
     pub fn send(
         &mut self,
         now_ms: u64,
@@ -268,8 +269,6 @@ impl Replica {
         let id = MessageId { hlc, device };
         let c = self.member_conversation(conversation)?;
         c.send(cap, id.key(), &account, draft)?;
-        self.account_doc
-            .advance_read(conversation, &device, id.key())?;
         Ok(id)
     }
 
@@ -538,8 +537,9 @@ impl Replica {
         Ok(self.conversation(conversation)?.settings())
     }
 
-    /// Messages from other accounts after the account's read position that are neither recalled
-    /// nor hidden.
+    /// Messages from other accounts that are neither recalled nor hidden, after both the
+    /// account's read position and this account's own latest message (writing implies having
+    /// read what came before).
     pub fn unread_count(&self, conversation: &ConversationId) -> Result<u64, ModelError> {
         self.unread_in(self.conversation(conversation)?)
     }
@@ -550,13 +550,24 @@ impl Replica {
             .account_doc
             .read_position(&id)
             .unwrap_or(MessageKey::MIN);
-        Ok(c.keys_after(read)?
-            .filter(|(k, s)| {
-                !self.account_doc.is_hidden(&id, k)
-                    && message::author_and_recalled(s.doc().doc(), k)
-                        .is_some_and(|(author, recalled)| author != self.account && !recalled)
-            })
-            .count() as u64)
+        // Newest first, stopping at this account's own latest message: whoever writes has read
+        // what came before. That keeps sending free of account-document writes and makes the
+        // count cost proportional to the unread messages, not to the history.
+        let mut unread = 0u64;
+        c.visit_after_desc(read, |k, s| {
+            if self.account_doc.is_hidden(&id, k) {
+                return true;
+            }
+            match message::author_and_recalled(s.doc().doc(), k) {
+                Some((author, _)) if author == self.account => false,
+                Some((_, false)) => {
+                    unread += 1;
+                    true
+                }
+                _ => true,
+            }
+        })?;
+        Ok(unread)
     }
 
     /// The account's read position in a conversation (the furthest of its devices').
