@@ -56,6 +56,8 @@ struct Fixture {
     conversation: ConversationId,
     now_ms: u64,
     added: usize,
+    rebuilds: usize,
+    build_s: f64,
 }
 
 fn alice() -> AccountId {
@@ -70,6 +72,18 @@ impl Fixture {
     /// Alice writes `shape.history` messages one `send` at a time; Bob then receives the meta
     /// document and the newest segment, as a device that has just roamed in would.
     fn build(shape: Shape) -> Fixture {
+        let fixture = Fixture::build_quiet(shape);
+        eprintln!(
+            "fixture {}: {} messages in {} segment(s), built in {:.1} s",
+            shape.name,
+            shape.history,
+            fixture.segments(&fixture.receiver).len(),
+            fixture.build_s
+        );
+        fixture
+    }
+
+    fn build_quiet(shape: Shape) -> Fixture {
         let started = Instant::now();
         let config = ModelConfig {
             segment_cap: shape.segment_cap,
@@ -97,15 +111,11 @@ impl Fixture {
             conversation,
             now_ms,
             added: 0,
+            rebuilds: 0,
+            build_s: 0.0,
         };
         fixture.refresh_sender();
-        eprintln!(
-            "fixture {}: {} messages in {} segment(s), built in {:.1} s",
-            shape.name,
-            shape.history,
-            fixture.segments(&fixture.receiver).len(),
-            started.elapsed().as_secs_f64()
-        );
+        fixture.build_s = started.elapsed().as_secs_f64();
         fixture
     }
 
@@ -163,7 +173,9 @@ impl Fixture {
     /// Makes room for `count` more messages, rebuilding the fixture if its budget is spent.
     fn reserve(&mut self, count: usize) {
         if self.added + count > self.shape.budget {
-            *self = Fixture::build(self.shape);
+            let rebuilds = self.rebuilds + 1;
+            *self = Fixture::build_quiet(self.shape);
+            self.rebuilds = rebuilds;
         }
         self.added += count;
     }
@@ -216,26 +228,34 @@ fn time_history(fixture: &Fixture, iters: u64) -> Duration {
     started.elapsed()
 }
 
-/// Runs the four operations on one fixture.
+/// Runs the four operations on one fixture. The fixture is built when the first of them runs, so
+/// a filtered run builds only the fixtures it needs.
 fn bench_fixture(group: &mut BenchmarkGroup<'_, WallTime>, shape: Shape) {
-    let mut fixture = Fixture::build(shape);
+    let mut fixture: Option<Fixture> = None;
     let name = shape.name;
     group.bench_function(format!("history_50/{name}"), |b| {
-        b.iter_custom(|iters| time_history(&fixture, iters))
+        let f = fixture.get_or_insert_with(|| Fixture::build(shape));
+        b.iter_custom(|iters| time_history(f, iters))
     });
     group.bench_function(format!("send/{name}"), |b| {
-        b.iter_custom(|iters| time_send(&mut fixture, iters))
+        let f = fixture.get_or_insert_with(|| Fixture::build(shape));
+        b.iter_custom(|iters| time_send(f, iters))
     });
     group.bench_function(format!("apply_1/{name}"), |b| {
-        b.iter_custom(|iters| time_apply(&mut fixture, 1, iters))
+        let f = fixture.get_or_insert_with(|| Fixture::build(shape));
+        b.iter_custom(|iters| time_apply(f, 1, iters))
     });
     group.bench_function(format!("apply_100/{name}"), |b| {
-        b.iter_custom(|iters| time_apply(&mut fixture, 100, iters))
+        let f = fixture.get_or_insert_with(|| Fixture::build(shape));
+        b.iter_custom(|iters| time_apply(f, 100, iters))
     });
-    eprintln!(
-        "fixture {name} after its benchmarks: {} segment(s) held by the measured replica",
-        fixture.segments(&fixture.receiver).len()
-    );
+    if let Some(f) = &fixture {
+        eprintln!(
+            "fixture {name} after its benchmarks: {} rebuilds, {} segment(s) held by the measured replica",
+            f.rebuilds,
+            f.segments(&f.receiver).len()
+        );
+    }
 }
 
 fn full_run() -> bool {
@@ -284,14 +304,16 @@ fn model(c: &mut Criterion) {
 
     // Bob fills Alice's segment 0 from 1,948 to 2,048 messages; every iteration starts again from
     // a segment of 1,948.
-    let mut full = Fixture::build(Shape {
+    let full = Shape {
         name: "full_segment",
         history: DEFAULT_CAP - 100,
         segment_cap: DEFAULT_CAP,
         budget: 100,
-    });
+    };
+    let mut fixture: Option<Fixture> = None;
     group.bench_function("apply_100/full_segment", |b| {
-        b.iter_custom(|iters| time_apply(&mut full, 100, iters))
+        let f = fixture.get_or_insert_with(|| Fixture::build(full));
+        b.iter_custom(|iters| time_apply(f, 100, iters))
     });
     group.finish();
 }
