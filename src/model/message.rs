@@ -253,6 +253,14 @@ pub(crate) fn read(
     })
 }
 
+/// The author account of the message map `obj`, if it has a valid one: without it, [`read`]
+/// finds no message.
+pub(crate) fn author(doc: &impl ReadDoc, obj: &ObjId) -> Option<AccountId> {
+    Some(AccountId::from_bytes(
+        bytes(doc, obj, ACCT)?.try_into().ok()?,
+    ))
+}
+
 /// The author account of the message at `key` and whether it is recalled, without reading the
 /// rest: what unread counting needs.
 pub(crate) fn author_and_recalled(

@@ -6,9 +6,9 @@
 //! `map_range` only iterates forwards — and lets a conversation find the segments that hold a key
 //! range without opening them.
 
-use automerge::{ObjType, ReadDoc, ValueRef};
+use automerge::{ObjId, ObjType, ReadDoc, ValueRef};
 
-use crate::ids::{ConversationId, DeviceId, DocAddr, MessageKey};
+use crate::ids::{ConversationId, DeviceId, DocAddr, MessageId, MessageKey};
 use crate::model::doc::SyncedDoc;
 use crate::model::message::{self, Message, valid_object};
 
@@ -88,26 +88,35 @@ impl Segment {
         }
     }
 
-    /// Rebuilds the key index from the document and returns the keys that are new.
-    pub fn reindex(&mut self) -> Vec<MessageKey> {
+    /// Rebuilds the key index from the document and returns the ids of the new messages that
+    /// [`Segment::message`] can read.
+    ///
+    /// The scan already yields each message map and the device that created it, so a new message
+    /// costs one more lookup (its author account), not a full read.
+    pub fn reindex(&mut self) -> Vec<MessageId> {
         let doc = self.doc.doc();
-        let mut keys = Vec::with_capacity(self.keys.len() + 16);
+        let mut found: Vec<(MessageKey, ObjId, DeviceId)> =
+            Vec::with_capacity(self.keys.len() + 16);
         for item in doc.map_range(automerge::ROOT, ..) {
             let Some(key) = MessageKey::decode(&item.key) else {
                 continue;
             };
-            if valid_object(
+            if let Some((obj, device)) = valid_object(
                 &key,
                 matches!(item.value, ValueRef::Object(ObjType::Map)),
                 &item.id(),
-            )
-            .is_some()
-            {
-                keys.push(key);
+            ) {
+                found.push((key, obj, device));
             }
         }
-        let added = sorted_difference(&keys, &self.keys);
-        self.keys = keys;
+        let added = sorted_difference(&found, &self.keys)
+            .filter(|(_, obj, _)| message::author(doc, obj).is_some())
+            .map(|(key, _, device)| MessageId {
+                hlc: key.hlc,
+                device: *device,
+            })
+            .collect();
+        self.keys = found.into_iter().map(|(key, _, _)| key).collect();
         added
     }
 
@@ -132,17 +141,16 @@ impl Segment {
     }
 }
 
-/// Elements of sorted `a` that are not in sorted `b`.
-fn sorted_difference(a: &[MessageKey], b: &[MessageKey]) -> Vec<MessageKey> {
-    let mut out = Vec::new();
+/// Entries of sorted `a` whose keys are not in sorted `b`.
+fn sorted_difference<'a>(
+    a: &'a [(MessageKey, ObjId, DeviceId)],
+    b: &'a [MessageKey],
+) -> impl Iterator<Item = &'a (MessageKey, ObjId, DeviceId)> {
     let mut j = 0;
-    for k in a {
+    a.iter().filter(move |(k, _, _)| {
         while j < b.len() && b[j] < *k {
             j += 1;
         }
-        if j >= b.len() || b[j] != *k {
-            out.push(*k);
-        }
-    }
-    out
+        j >= b.len() || b[j] != *k
+    })
 }
