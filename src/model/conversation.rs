@@ -272,7 +272,7 @@ impl Conversation {
             .values()
             .filter_map(|s| s.keys_before(before, 1).first().map(|k| (*k, s)))
             .collect();
-        order.sort_by(|a, b| b.0.cmp(&a.0));
+        order.sort_by_key(|(key, _)| std::cmp::Reverse(*key));
         let mut page: Vec<(MessageKey, u32)> = Vec::with_capacity(limit);
         for (top, segment) in order {
             if page.len() >= limit && page.last().is_some_and(|(oldest, _)| top < *oldest) {
@@ -288,7 +288,7 @@ impl Conversation {
                     added += 1;
                 }
             }
-            page.sort_by(|a, b| b.0.cmp(&a.0));
+            page.sort_by_key(|(key, _)| std::cmp::Reverse(*key));
             page.truncate(limit);
         }
         page
