@@ -98,7 +98,14 @@ impl Fixture {
             .create_conversation(now_ms, "bench", &[bob()])
             .expect("a fresh replica accepts a conversation");
         let draft = Draft::text(BODY);
-        for _ in 0..shape.history {
+        for i in 0..shape.history {
+            if i > 0 && i % 100_000 == 0 {
+                eprintln!(
+                    "fixture {}: {i} messages after {:.0} s",
+                    shape.name,
+                    started.elapsed().as_secs_f64()
+                );
+            }
             now_ms += 1;
             receiver
                 .send(now_ms, &conversation, &draft)
@@ -230,7 +237,7 @@ fn time_history(fixture: &Fixture, iters: u64) -> Duration {
 
 /// Runs the four operations on one fixture. The fixture is built when the first of them runs, so
 /// a filtered run builds only the fixtures it needs.
-fn bench_fixture(group: &mut BenchmarkGroup<'_, WallTime>, shape: Shape) {
+fn bench_fixture(group: &mut BenchmarkGroup<'_, WallTime>, shape: Shape) -> Option<Fixture> {
     let mut fixture: Option<Fixture> = None;
     let name = shape.name;
     group.bench_function(format!("history_50/{name}"), |b| {
@@ -256,6 +263,7 @@ fn bench_fixture(group: &mut BenchmarkGroup<'_, WallTime>, shape: Shape) {
             f.segments(&f.receiver).len()
         );
     }
+    fixture
 }
 
 fn full_run() -> bool {
@@ -270,17 +278,15 @@ fn model(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
 
-    bench_fixture(
-        &mut group,
-        Shape {
-            name: "seg2048/1k",
-            history: 1_000,
-            segment_cap: DEFAULT_CAP,
-            budget: 100,
-        },
-    );
+    let small = Shape {
+        name: "seg2048/1k",
+        history: 1_000,
+        segment_cap: DEFAULT_CAP,
+        budget: 100,
+    };
+    bench_fixture(&mut group, small);
     if full_run() {
-        bench_fixture(
+        let large = bench_fixture(
             &mut group,
             Shape {
                 name: "seg2048/1M",
@@ -289,6 +295,17 @@ fn model(c: &mut Criterion) {
                 budget: 100_000,
             },
         );
+        // A control: the 1 k fixture again while the 1 M one is still in memory, so that a
+        // difference between the two sizes can be told apart from the machine's load drifting
+        // during the run and from the process holding a heap of about a gigabyte.
+        bench_fixture(
+            &mut group,
+            Shape {
+                name: "seg2048/1k_beside_1M",
+                ..small
+            },
+        );
+        drop(large);
     } else {
         eprintln!("skipping the 1 M-message fixture; set {FULL_ENV}=1 to run it");
     }
