@@ -7,7 +7,8 @@
 //! - `history_50`: `Replica::history(conv, None, 50)`, the newest page.
 //!
 //! Fixtures, each built once with the real `send` (see `docs/PERFORMANCE.md`):
-//! - `seg2048/1k` and `seg2048/1M`: the default segment cap (2,048), 1 k and 1 M messages;
+//! - `seg2048/1k` and `seg2048/1M`: the default segment cap (2,048), 1,000 and 1,000,424 messages
+//!   (488 full segments, then 1,000 messages in the newest, like the 1 k fixture);
 //! - `single/100k`: one document holding every message (segment cap 100,000, the largest allowed,
 //!   with 95,000 messages: the fixture never grows past the cap, so it stays one segment);
 //! - `full_segment`: segment cap 2,048 and 1,948 messages in segment 0, for the apply of 100
@@ -36,6 +37,9 @@ const FULL_ENV: &str = "ROAMSYNC_BENCH_FULL";
 const DEFAULT_CAP: usize = 2_048;
 /// The largest segment cap, as in `roamsync::model::limits::MAX_SEGMENT_CAP`.
 const SINGLE_DOC_CAP: usize = 100_000;
+/// The 1 M fixture: 488 full segments and a newest one of 1,000 messages, as in the 1 k fixture,
+/// since the cost of applying remote messages depends on the size of the segment they go to.
+const LARGE_HISTORY: usize = 488 * DEFAULT_CAP + 1_000;
 /// A body of typical chat length.
 const BODY: &str = "see you at the station at ten, I will bring the tickets";
 
@@ -177,6 +181,18 @@ impl Fixture {
             .collect()
     }
 
+    /// Messages in Alice's newest segment: each message is one change, so the sum of the segment's
+    /// version vector.
+    fn newest_fill(&self) -> u64 {
+        self.segments(&self.receiver).last().map_or(0, |a| {
+            self.receiver
+                .version_vector(a)
+                .iter()
+                .map(|(_, seq)| *seq)
+                .sum()
+        })
+    }
+
     /// Makes room for `count` more messages, rebuilding the fixture if its budget is spent.
     fn reserve(&mut self, count: usize) {
         if self.added + count > self.shape.budget {
@@ -240,21 +256,26 @@ fn time_history(fixture: &Fixture, iters: u64) -> Duration {
 fn bench_fixture(group: &mut BenchmarkGroup<'_, WallTime>, shape: Shape) -> Option<Fixture> {
     let mut fixture: Option<Fixture> = None;
     let name = shape.name;
+    // Sends come last: they add the most messages, and the applies should find the newest segment
+    // as the fixture built it.
     group.bench_function(format!("history_50/{name}"), |b| {
         let f = fixture.get_or_insert_with(|| Fixture::build(shape));
         b.iter_custom(|iters| time_history(f, iters))
     });
+    for count in [1, 100] {
+        group.bench_function(format!("apply_{count}/{name}"), |b| {
+            let f = fixture.get_or_insert_with(|| Fixture::build(shape));
+            let before = f.newest_fill();
+            b.iter_custom(|iters| time_apply(f, count, iters));
+            eprintln!(
+                "apply_{count}/{name}: newest segment held {before} messages before, {} after",
+                f.newest_fill()
+            );
+        });
+    }
     group.bench_function(format!("send/{name}"), |b| {
         let f = fixture.get_or_insert_with(|| Fixture::build(shape));
         b.iter_custom(|iters| time_send(f, iters))
-    });
-    group.bench_function(format!("apply_1/{name}"), |b| {
-        let f = fixture.get_or_insert_with(|| Fixture::build(shape));
-        b.iter_custom(|iters| time_apply(f, 1, iters))
-    });
-    group.bench_function(format!("apply_100/{name}"), |b| {
-        let f = fixture.get_or_insert_with(|| Fixture::build(shape));
-        b.iter_custom(|iters| time_apply(f, 100, iters))
     });
     if let Some(f) = &fixture {
         eprintln!(
@@ -290,7 +311,7 @@ fn model(c: &mut Criterion) {
             &mut group,
             Shape {
                 name: "seg2048/1M",
-                history: 1_000_000,
+                history: LARGE_HISTORY,
                 segment_cap: DEFAULT_CAP,
                 budget: 100_000,
             },
