@@ -221,11 +221,19 @@ fn time_send(fixture: &mut Fixture, iters: u64) -> Duration {
 }
 
 /// Times `iters` applies of a batch of `count` remote messages; only the `apply` call is timed.
-fn time_apply(fixture: &mut Fixture, count: usize, iters: u64) -> Duration {
+/// `fills` collects the least and most messages the newest segment held before an apply.
+fn time_apply(
+    fixture: &mut Fixture,
+    count: usize,
+    iters: u64,
+    fills: &mut Option<(u64, u64)>,
+) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         fixture.reserve(count);
         let batches = fixture.remote_batches(count);
+        let fill = fixture.newest_fill();
+        *fills = Some(fills.map_or((fill, fill), |(lo, hi)| (lo.min(fill), hi.max(fill))));
         let now_ms = fixture.now_ms;
         let started = Instant::now();
         let report = fixture.receiver.apply(now_ms, batches);
@@ -263,15 +271,16 @@ fn bench_fixture(group: &mut BenchmarkGroup<'_, WallTime>, shape: Shape) -> Opti
         b.iter_custom(|iters| time_history(f, iters))
     });
     for count in [1, 100] {
+        let mut fills: Option<(u64, u64)> = None;
         group.bench_function(format!("apply_{count}/{name}"), |b| {
             let f = fixture.get_or_insert_with(|| Fixture::build(shape));
-            let before = f.newest_fill();
-            b.iter_custom(|iters| time_apply(f, count, iters));
-            eprintln!(
-                "apply_{count}/{name}: newest segment held {before} messages before, {} after",
-                f.newest_fill()
-            );
+            b.iter_custom(|iters| time_apply(f, count, iters, &mut fills));
         });
+        if let Some((least, most)) = fills {
+            eprintln!(
+                "apply_{count}/{name}: the newest segment held {least} to {most} messages before an apply"
+            );
+        }
     }
     group.bench_function(format!("send/{name}"), |b| {
         let f = fixture.get_or_insert_with(|| Fixture::build(shape));
@@ -349,10 +358,16 @@ fn model(c: &mut Criterion) {
         budget: 100,
     };
     let mut fixture: Option<Fixture> = None;
+    let mut fills: Option<(u64, u64)> = None;
     group.bench_function("apply_100/full_segment", |b| {
         let f = fixture.get_or_insert_with(|| Fixture::build(full));
-        b.iter_custom(|iters| time_apply(f, 100, iters))
+        b.iter_custom(|iters| time_apply(f, 100, iters, &mut fills))
     });
+    if let Some((least, most)) = fills {
+        eprintln!(
+            "apply_100/full_segment: the newest segment held {least} to {most} messages before an apply"
+        );
+    }
     group.finish();
 }
 
