@@ -29,14 +29,15 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, criterion_group, criterion_main};
 use roamsync::ids::{AccountId, ConversationId, DeviceId, DocAddr};
+use roamsync::model::limits::{DEFAULT_SEGMENT_CAP, MAX_SEGMENT_CAP};
 use roamsync::model::{ChangeBatch, Draft, ModelConfig, Replica};
 
 /// Environment variable that enables the 1 M-message fixture.
 const FULL_ENV: &str = "ROAMSYNC_BENCH_FULL";
-/// The default segment cap, as in `roamsync::model::limits::DEFAULT_SEGMENT_CAP`.
-const DEFAULT_CAP: usize = 2_048;
-/// The largest segment cap, as in `roamsync::model::limits::MAX_SEGMENT_CAP`.
-const SINGLE_DOC_CAP: usize = 100_000;
+/// The default segment cap (2,048).
+const DEFAULT_CAP: usize = DEFAULT_SEGMENT_CAP;
+/// The largest segment cap (100,000): the whole single-document fixture fits in one segment.
+const SINGLE_DOC_CAP: usize = MAX_SEGMENT_CAP;
 /// The 1 M fixture: 488 full segments and a newest one of 1,000 messages, as in the 1 k fixture,
 /// since the cost of applying remote messages depends on the size of the segment they go to.
 const LARGE_HISTORY: usize = 488 * DEFAULT_CAP + 1_000;
