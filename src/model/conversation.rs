@@ -54,6 +54,10 @@ pub struct Conversation {
     meta: SyncedDoc,
     segments: BTreeMap<u32, Segment>,
     unloaded: BTreeMap<u32, SegmentInfo>,
+    /// The highest segment number in the meta index, derived from the meta document and computed
+    /// again after it changes (`None`: not known). Sending needs it for every message, and a
+    /// scan of the index grows with the number of segments.
+    max_indexed: Option<Option<u32>>,
 }
 
 impl Conversation {
@@ -65,6 +69,7 @@ impl Conversation {
             meta: SyncedDoc::new(DocAddr::Meta(id), me),
             segments: BTreeMap::new(),
             unloaded: BTreeMap::new(),
+            max_indexed: None,
         }
     }
 
@@ -83,6 +88,7 @@ impl Conversation {
             meta,
             segments: BTreeMap::new(),
             unloaded,
+            max_indexed: None,
         })
     }
 
@@ -93,6 +99,7 @@ impl Conversation {
         title: &str,
         members: &[AccountId],
     ) -> Result<(), ModelError> {
+        self.max_indexed = None;
         self.meta.write(|tx| {
             tx.put(automerge::ROOT, TITLE, title)?;
             tx.put(automerge::ROOT, CREATED, ScalarValue::Uint(at.as_u64()))?;
@@ -120,6 +127,7 @@ impl Conversation {
 
     /// The meta document, for writing and applying.
     pub fn meta_mut(&mut self) -> &mut SyncedDoc {
+        self.max_indexed = None;
         &mut self.meta
     }
 
@@ -178,6 +186,7 @@ impl Conversation {
         &mut self,
         f: impl FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), ModelError>,
     ) -> Result<(), ModelError> {
+        self.max_indexed = None;
         self.meta.write(f)
     }
 
@@ -197,7 +206,11 @@ impl Conversation {
 
     /// The segment a new message goes to, opening the next one when the current one is full.
     fn writable_segment(&mut self, cap: usize, opener: &MessageKey) -> Result<u32, ModelError> {
-        let indexed = self.indexed_segments().into_iter().max();
+        let indexed = match self.max_indexed {
+            Some(known) => known,
+            None => self.indexed_segments().into_iter().max(),
+        };
+        self.max_indexed = Some(indexed);
         let held = self.segments.keys().next_back().copied();
         let stored = self.unloaded.keys().next_back().copied();
         let current = indexed.max(held).max(stored).unwrap_or(0);
@@ -218,6 +231,7 @@ impl Conversation {
                 tx.put(automerge::ROOT, segment_key(n), opened)?;
                 Ok(())
             })?;
+            self.max_indexed = Some(Some(n));
         }
         Ok(n)
     }

@@ -218,25 +218,50 @@ pub(crate) fn valid_object(
 }
 
 /// Reads the message at `key`, or `None` if there is no valid message there.
+///
+/// The message map is read in one pass over its keys: each separate lookup first has to find the
+/// map among all the objects of the segment, which costs several microseconds per lookup in a
+/// segment of a few thousand messages.
 pub(crate) fn read(
     doc: &impl ReadDoc,
     conversation: ConversationId,
     key: &MessageKey,
 ) -> Option<Message> {
     let (obj, device) = locate(doc, key)?;
-    let author = author(doc, &obj)?;
-    let recalled = flag(doc, &obj, RECALLED);
-    let body = if recalled {
-        None
+    let mut author = None;
+    let mut body = None;
+    let mut reply_to = None;
+    let mut attachment_list = None;
+    let mut edited = false;
+    let mut recalled = false;
+    let mut reacted: Vec<(String, AccountId)> = Vec::new();
+    for item in doc.map_range(&obj, ..) {
+        match (item.key.as_ref(), &item.value) {
+            (ACCT, ValueRef::Scalar(ScalarValueRef::Bytes(b))) => {
+                author = <[u8; 32]>::try_from(b.as_ref())
+                    .ok()
+                    .map(AccountId::from_bytes);
+            }
+            (BODY, ValueRef::Scalar(ScalarValueRef::Str(s))) => body = Some(s.to_string()),
+            (REPLY, ValueRef::Scalar(ScalarValueRef::Bytes(b))) => reply_to = decode_message_id(b),
+            (ATTACHMENTS, ValueRef::Object(ObjType::List)) => attachment_list = Some(item.id()),
+            (EDITED, ValueRef::Scalar(ScalarValueRef::Boolean(true))) => edited = true,
+            (RECALLED, ValueRef::Scalar(ScalarValueRef::Boolean(true))) => recalled = true,
+            (k, ValueRef::Scalar(ScalarValueRef::Boolean(true))) => {
+                if let Some(pair) = reaction_of(k) {
+                    reacted.push(pair);
+                }
+            }
+            _ => {}
+        }
+    }
+    let author = author?;
+    let (body, attachments) = if recalled {
+        (None, Vec::new())
     } else {
-        string(doc, &obj, BODY).or(Some(String::new()))
+        let attachments = attachment_list.map_or_else(Vec::new, |list| attachments(doc, &list));
+        (Some(body.unwrap_or_default()), attachments)
     };
-    let attachments = if recalled {
-        Vec::new()
-    } else {
-        attachments(doc, &obj)
-    };
-    let reply_to = bytes(doc, &obj, REPLY).and_then(|b| decode_message_id(&b));
     Some(Message {
         conversation,
         id: MessageId {
@@ -247,9 +272,9 @@ pub(crate) fn read(
         body,
         reply_to,
         attachments,
-        edited: flag(doc, &obj, EDITED),
+        edited,
         recalled,
-        reactions: reactions(doc, &obj),
+        reactions: group_reactions(reacted),
     })
 }
 
@@ -317,14 +342,11 @@ pub(crate) fn flag(doc: &impl ReadDoc, obj: &ObjId, prop: &str) -> bool {
     matches!(scalar(doc, obj, prop), Some(ScalarValue::Boolean(true)))
 }
 
-fn attachments(doc: &impl ReadDoc, obj: &ObjId) -> Vec<Attachment> {
-    let Some((Value::Object(ObjType::List), list)) = doc.get(obj, ATTACHMENTS).ok().flatten()
-    else {
-        return Vec::new();
-    };
+/// The attachments in the list object `list`.
+fn attachments(doc: &impl ReadDoc, list: &ObjId) -> Vec<Attachment> {
     let mut out = Vec::new();
-    for i in 0..doc.length(&list) {
-        let Some((Value::Object(ObjType::Map), item)) = doc.get(&list, i).ok().flatten() else {
+    for i in 0..doc.length(list) {
+        let Some((Value::Object(ObjType::Map), item)) = doc.get(list, i).ok().flatten() else {
             continue;
         };
         let hash = bytes(doc, &item, "hash").and_then(|b| <[u8; 32]>::try_from(b).ok());
@@ -344,22 +366,18 @@ fn attachments(doc: &impl ReadDoc, obj: &ObjId) -> Vec<Attachment> {
     out
 }
 
-fn reactions(doc: &impl ReadDoc, obj: &ObjId) -> Vec<Reaction> {
-    let mut pairs: Vec<(String, AccountId)> = Vec::new();
-    // Keys are "rx/<64 hex>/<reaction>"; '0' is the character after '/', so this range holds
-    // exactly the keys with the prefix.
-    for item in doc.map_range(obj, "rx/".to_string().."rx0".to_string()) {
-        if !matches!(item.value, ValueRef::Scalar(ScalarValueRef::Boolean(true))) {
-            continue;
-        }
-        let rest = &item.key[REACTION_PREFIX.len()..];
-        let (Some(hex), Some(reaction)) = (rest.get(..64), rest.get(65..)) else {
-            continue;
-        };
-        if let (Ok(account), false) = (AccountId::parse_hex(hex), reaction.is_empty()) {
-            pairs.push((reaction.to_string(), account));
-        }
+/// The reaction and account of a reaction key "rx/<64 hex>/<reaction>", if it is one.
+fn reaction_of(key: &str) -> Option<(String, AccountId)> {
+    let rest = key.strip_prefix(REACTION_PREFIX)?;
+    let (hex, reaction) = (rest.get(..64)?, rest.get(65..)?);
+    if reaction.is_empty() {
+        return None;
     }
+    Some((reaction.to_string(), AccountId::parse_hex(hex).ok()?))
+}
+
+/// Groups (reaction, account) pairs by reaction, both in order.
+fn group_reactions(mut pairs: Vec<(String, AccountId)>) -> Vec<Reaction> {
     pairs.sort();
     let mut out: Vec<Reaction> = Vec::new();
     for (reaction, account) in pairs {

@@ -875,14 +875,11 @@ impl Replica {
                 if stats.applied == 0 {
                     return Ok(stats);
                 }
-                for key in segment.reindex() {
-                    let Some(m) = segment.message(c, &key) else {
-                        continue;
-                    };
-                    if let Err(e) = self.clock.observe(key.hlc, now_ms) {
-                        report.clock_skew.push((m.id, e));
+                for id in segment.reindex() {
+                    if let Err(e) = self.clock.observe(id.hlc, now_ms) {
+                        report.clock_skew.push((id, e));
                     }
-                    report.new_messages.push((c, m.id));
+                    report.new_messages.push((c, id));
                 }
                 // An edit concurrent with a recall writes the text back. The author's devices
                 // remove it again, so that a recalled text leaves the current state everywhere

@@ -6,9 +6,9 @@
 //! `map_range` only iterates forwards — and lets a conversation find the segments that hold a key
 //! range without opening them.
 
-use automerge::{ObjType, ReadDoc, ValueRef};
+use automerge::{ObjId, ObjType, ReadDoc, ValueRef};
 
-use crate::ids::{ConversationId, DeviceId, DocAddr, MessageKey};
+use crate::ids::{ConversationId, DeviceId, DocAddr, MessageId, MessageKey};
 use crate::model::doc::SyncedDoc;
 use crate::model::message::{self, Message, valid_object};
 
@@ -150,29 +150,48 @@ impl Segment {
         }
     }
 
-    /// Rebuilds the key index from the document and returns the keys that are new.
-    pub fn reindex(&mut self) -> Vec<MessageKey> {
+    /// Rebuilds the key index from the document and returns the ids of the new messages that
+    /// [`Segment::message`] can read.
+    ///
+    /// The scan already yields each message map and the device that created it, so a new message
+    /// costs one more lookup (its author account), not a full read.
+    pub fn reindex(&mut self) -> Vec<MessageId> {
         let doc = self.doc.doc();
-        let mut keys = Vec::with_capacity(self.keys.len() + 16);
+        let mut found: Vec<(MessageKey, ObjId, DeviceId)> =
+            Vec::with_capacity(self.keys.len() + 16);
         for item in doc.map_range(automerge::ROOT, ..) {
             let Some(key) = MessageKey::decode(&item.key) else {
                 continue;
             };
-            // Only messages that can be read are indexed: a map without a well-formed author
-            // (a misbehaving device can write one) would otherwise take a place in history pages
-            // and in the segment count while showing nothing, and could hide older messages.
-            let readable = valid_object(
+            if let Some((obj, device)) = valid_object(
                 &key,
                 matches!(item.value, ValueRef::Object(ObjType::Map)),
                 &item.id(),
-            )
-            .is_some_and(|(obj, _)| message::author(doc, &obj).is_some());
-            if readable {
-                keys.push(key);
+            ) {
+                found.push((key, obj, device));
             }
         }
-        let added = sorted_difference(&keys, &self.keys);
-        self.keys = keys;
+        // Only messages that can be read are indexed: a map without a well-formed author (a
+        // misbehaving device can write one) would otherwise take a place in history pages and in
+        // the segment count while showing nothing, and could hide older messages. Indexed keys
+        // were checked when they arrived, so only new ones cost an author lookup.
+        let mut added = Vec::new();
+        let mut unreadable = Vec::new();
+        for (key, obj, device) in sorted_difference(&found, &self.keys) {
+            if message::author(doc, obj).is_some() {
+                added.push(MessageId {
+                    hlc: key.hlc,
+                    device: *device,
+                });
+            } else {
+                unreadable.push(*key);
+            }
+        }
+        self.keys = found
+            .into_iter()
+            .map(|(key, _, _)| key)
+            .filter(|key| unreadable.binary_search(key).is_err())
+            .collect();
         added
     }
 
@@ -197,17 +216,16 @@ impl Segment {
     }
 }
 
-/// Elements of sorted `a` that are not in sorted `b`.
-fn sorted_difference(a: &[MessageKey], b: &[MessageKey]) -> Vec<MessageKey> {
-    let mut out = Vec::new();
+/// Entries of sorted `a` whose keys are not in sorted `b`.
+fn sorted_difference<'a>(
+    a: &'a [(MessageKey, ObjId, DeviceId)],
+    b: &'a [MessageKey],
+) -> impl Iterator<Item = &'a (MessageKey, ObjId, DeviceId)> {
     let mut j = 0;
-    for k in a {
+    a.iter().filter(move |(k, _, _)| {
         while j < b.len() && b[j] < *k {
             j += 1;
         }
-        if j >= b.len() || b[j] != *k {
-            out.push(*k);
-        }
-    }
-    out
+        j >= b.len() || b[j] != *k
+    })
 }
