@@ -24,6 +24,8 @@ fn main() -> std::io::Result<()> {
         "envelope_open",
         "device_log_verify",
         "pairing_handle",
+        "batch_apply",
+        "change_apply",
     ] {
         for g in garbage {
             write(target, g)?;

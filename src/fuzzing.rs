@@ -187,6 +187,31 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
     let ring = fixture_keyring();
     let mut out = Vec::new();
 
+    // Batches: a new message, an edit, a reaction, as a second device of the fixture would send.
+    {
+        use crate::model::{Draft, VersionVector};
+        let (mut r, c) = model_fixture();
+        let seg = crate::ids::DocAddr::Segment(c, 0);
+        let have = r.version_vector(&seg);
+        if let Ok(id) = r.send(1_010, &c, &Draft::text("seed")) {
+            let _ = r.react(&c, &id, "+1", true);
+        }
+        for since in [have, VersionVector::new()] {
+            if let Some(batch) = r.changes_since(&seg, &since) {
+                out.push(("batch_apply", batch.encode()));
+            }
+        }
+    }
+    // Structured changes: each byte string steers the change builder differently.
+    for seed in [
+        &b"\x00\x00\x00\x00\x00\x00\x00\x00"[..],
+        &[5, 7, 1, 0, 0, 0, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+        &[9, 3, 2, 1, 3, 3, 4, 2, 2, 0, 1, 2, 1, 1, 6, 5, 0, 0, 3],
+        &[1, 1, 1, 4, 1, 2, 0, 0, 1, 4, 3, 1, 3, 1, 0, 0],
+    ] {
+        out.push(("change_apply", seed.to_vec()));
+    }
+
     let mut envelopes = Vec::new();
     for (i, (kind, plaintext)) in [
         (EnvelopeKind::Changes, &b""[..]),
@@ -357,4 +382,158 @@ mod tests {
             .unwrap();
         assert_eq!(joined.keyring.docs().count(), 1);
     }
+}
+
+/// A replica holding a conversation of two messages (one with attachments), and the same state on
+/// a second device of another member account, for the model targets.
+fn model_fixture() -> (crate::model::Replica, crate::ids::ConversationId) {
+    use crate::model::{Attachment, Draft, ModelConfig, Replica};
+    let alice = AccountId::from_bytes([1; 32]);
+    let bob = AccountId::from_bytes([2; 32]);
+    let config = ModelConfig {
+        segment_cap: 4,
+        ..ModelConfig::default()
+    };
+    // Fixed ids and a valid configuration: these calls cannot fail.
+    let mut a = Replica::new(alice, DeviceId::from_bytes([1; 32]), config).expect("valid config");
+    let c = a.create_conversation(1_000, "fuzz", &[bob]).expect("fresh replica");
+    a.send(1_001, &c, &Draft::text("hello")).expect("member");
+    let files = vec![Attachment {
+        hash: [3; 32],
+        size: 3,
+        mime: "text/plain".into(),
+        name: "a.txt".into(),
+    }];
+    a.send(1_002, &c, &Draft { attachments: files, ..Draft::text("file") }).expect("member");
+    let mut b = Replica::new(bob, DeviceId::from_bytes([2; 32]), config).expect("valid config");
+    let batches = a
+        .docs()
+        .iter()
+        .filter(|d| !matches!(d, crate::ids::DocAddr::Account(_)))
+        .filter_map(|d| a.changes_since(d, &b.version_vector(d)))
+        .collect();
+    let _ = b.apply(1_003, batches);
+    (b, c)
+}
+
+/// Runs every query of the fixture conversation; none may panic.
+fn query_all(r: &crate::model::Replica, c: &crate::ids::ConversationId) {
+    let _ = r.conversation_list();
+    let _ = r.unread_count(c);
+    if let Ok(page) = r.history(c, None, 50) {
+        for m in &page.messages {
+            let _ = r.message(c, &m.id);
+        }
+    }
+}
+
+/// Decodes `data` as a change batch; one that decodes re-encodes to the same bytes and is applied
+/// to a replica, which must stay usable.
+pub fn batch_apply(data: &[u8]) {
+    use crate::model::ChangeBatch;
+    let Ok(batch) = ChangeBatch::decode(data) else {
+        return;
+    };
+    assert_eq!(batch.encode(), data, "batches re-encode exactly");
+    assert_eq!(batch.encoded_len(), data.len());
+    let (mut r, c) = model_fixture();
+    let _ = r.apply(2_000, vec![batch]);
+    query_all(&r, &c);
+}
+
+/// Builds one Automerge change from `data` — operations on the fixture's real objects, on made-up
+/// ones, with real or made-up predecessors and list positions — applies it to the fixture's
+/// segment, and checks that the replica stays usable. Automerge panics on some such changes; the
+/// model must refuse them first.
+pub fn change_apply(data: &[u8]) {
+    use automerge::legacy::{ElementId, Key, ObjectId, Op, OpId, OpType, SortedVec};
+    use automerge::{ActorId, ObjType, ReadDoc, ScalarValue};
+
+    use crate::ids::DocAddr;
+    use crate::model::ChangeBatch;
+
+    let (mut r, c) = model_fixture();
+    let seg = DocAddr::Segment(c, 0);
+    let Some(doc) = r.synced_doc(&seg) else {
+        return;
+    };
+    let doc = doc.doc();
+    // Real operation ids of the fixture: message maps and their fields.
+    let mut real: Vec<OpId> = Vec::new();
+    for item in doc.map_range(automerge::ROOT, ..) {
+        let obj = item.id();
+        if let automerge::ObjId::Id(ctr, actor, _) = &obj {
+            real.push(OpId(*ctr, actor.clone()));
+        }
+        for field in doc.map_range(&obj, ..) {
+            if let automerge::ObjId::Id(ctr, actor, _) = field.id() {
+                real.push(OpId(ctr, actor));
+            }
+        }
+    }
+    let attacker = ActorId::from([0xee; 32]);
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next().unwrap_or(0);
+    let start = 1 + u64::from(next()) * 3;
+    let mut ops = Vec::new();
+    let count = usize::from(next() % 8) + 1;
+    for i in 0..count {
+        let pick_id = |b: u8| -> OpId {
+            match b % 4 {
+                0 if !real.is_empty() => real[usize::from(b / 4) % real.len()].clone(),
+                1 => OpId(start + u64::from(b / 4) % (i as u64 + 1), attacker.clone()),
+                _ => OpId(900 + u64::from(b), attacker.clone()),
+            }
+        };
+        let obj = match next() % 3 {
+            0 => ObjectId::Root,
+            _ => ObjectId::Id(pick_id(next())),
+        };
+        let key = match next() % 4 {
+            0 => Key::Map("body".into()),
+            1 => Key::Map(format!("k{}", next() % 4).into()),
+            2 => Key::Seq(ElementId::Head),
+            _ => Key::Seq(ElementId::Id(pick_id(next()))),
+        };
+        let action = match next() % 7 {
+            0 => OpType::Put(ScalarValue::Str("x".into())),
+            1 => OpType::Put(ScalarValue::Boolean(true)),
+            2 => OpType::Delete,
+            3 => OpType::Make(ObjType::Map),
+            4 => OpType::Make(ObjType::List),
+            5 => OpType::Make(ObjType::Text),
+            _ => OpType::Increment(1),
+        };
+        let pred = match next() % 3 {
+            0 => SortedVec::new(),
+            _ => SortedVec::from(vec![pick_id(next())]),
+        };
+        ops.push(Op {
+            action,
+            obj,
+            key,
+            pred,
+            insert: next() % 2 == 0,
+        });
+    }
+    let change = automerge::Change::from(automerge::ExpandedChange {
+        operations: ops,
+        actor_id: attacker,
+        hash: None,
+        seq: 1,
+        start_op: std::num::NonZeroU64::new(start).unwrap_or(std::num::NonZeroU64::MIN),
+        time: 0,
+        message: None,
+        deps: doc.get_heads(),
+        extra_bytes: Vec::new(),
+        author: None,
+    });
+    let _ = r.apply(
+        2_000,
+        vec![ChangeBatch {
+            addr: seg,
+            changes: vec![change],
+        }],
+    );
+    query_all(&r, &c);
 }

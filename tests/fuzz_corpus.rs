@@ -37,3 +37,13 @@ fn device_log_verify_corpus() {
 fn pairing_handle_corpus() {
     replay("pairing_handle", roamsync::fuzzing::pairing_handle);
 }
+
+#[test]
+fn batch_apply_corpus() {
+    replay("batch_apply", roamsync::fuzzing::batch_apply);
+}
+
+#[test]
+fn change_apply_corpus() {
+    replay("change_apply", roamsync::fuzzing::change_apply);
+}
