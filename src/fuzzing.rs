@@ -396,7 +396,9 @@ fn model_fixture() -> (crate::model::Replica, crate::ids::ConversationId) {
     };
     // Fixed ids and a valid configuration: these calls cannot fail.
     let mut a = Replica::new(alice, DeviceId::from_bytes([1; 32]), config).expect("valid config");
-    let c = a.create_conversation(1_000, "fuzz", &[bob]).expect("fresh replica");
+    let c = a
+        .create_conversation(1_000, "fuzz", &[bob])
+        .expect("fresh replica");
     a.send(1_001, &c, &Draft::text("hello")).expect("member");
     let files = vec![Attachment {
         hash: [3; 32],
@@ -404,7 +406,15 @@ fn model_fixture() -> (crate::model::Replica, crate::ids::ConversationId) {
         mime: "text/plain".into(),
         name: "a.txt".into(),
     }];
-    a.send(1_002, &c, &Draft { attachments: files, ..Draft::text("file") }).expect("member");
+    a.send(
+        1_002,
+        &c,
+        &Draft {
+            attachments: files,
+            ..Draft::text("file")
+        },
+    )
+    .expect("member");
     let mut b = Replica::new(bob, DeviceId::from_bytes([2; 32]), config).expect("valid config");
     let batches = a
         .docs()

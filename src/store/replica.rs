@@ -566,23 +566,53 @@ impl StoredReplica {
     pub fn apply(&mut self, now_ms: u64, batches: Vec<ChangeBatch>) -> Result<ApplyReport> {
         let addrs: BTreeSet<DocAddr> = batches.iter().map(|b| b.addr).collect();
         for addr in &addrs {
-            match addr {
-                DocAddr::Meta(c) => {
-                    self.ensure_conversation(*c)?;
-                }
-                DocAddr::Segment(c, n) => {
-                    let stored_unloaded = self.ensure_conversation(*c)?
-                        && self.replica.segment_info(c, *n).is_some()
-                        && !self.replica.is_segment_loaded(c, *n);
-                    if stored_unloaded {
-                        self.load(*addr)?;
-                    }
-                }
-                DocAddr::Account(_) => {}
-            }
+            self.ensure_loaded(addr)?;
         }
         let mut batches = Some(batches);
         self.run(|r| Ok(r.apply(now_ms, batches.take().unwrap_or_default())))
+    }
+
+    // ---- sync --------------------------------------------------------------------------
+
+    /// Every document this replica holds, stored or only in memory.
+    pub fn docs(&self) -> Result<Vec<DocAddr>> {
+        let mut all: BTreeSet<DocAddr> = self.store.all_docs()?.into_iter().collect();
+        all.extend(self.replica.docs());
+        Ok(all.into_iter().collect())
+    }
+
+    /// What this replica holds of a document, loading it if needed.
+    pub fn version_vector(&mut self, addr: &DocAddr) -> Result<crate::model::VersionVector> {
+        self.ensure_loaded(addr)?;
+        Ok(self.replica.version_vector(addr))
+    }
+
+    /// The changes of a document that a replica at `have` lacks, loading the document if needed.
+    pub fn changes_since(
+        &mut self,
+        addr: &DocAddr,
+        have: &crate::model::VersionVector,
+    ) -> Result<Option<ChangeBatch>> {
+        self.ensure_loaded(addr)?;
+        Ok(self.replica.changes_since(addr, have))
+    }
+
+    fn ensure_loaded(&mut self, addr: &DocAddr) -> Result<()> {
+        match addr {
+            DocAddr::Meta(c) => {
+                self.ensure_conversation(*c)?;
+            }
+            DocAddr::Segment(c, n) => {
+                if self.ensure_conversation(*c)?
+                    && self.replica.segment_info(c, *n).is_some()
+                    && !self.replica.is_segment_loaded(c, *n)
+                {
+                    self.load(*addr)?;
+                }
+            }
+            DocAddr::Account(_) => {}
+        }
+        Ok(())
     }
 
     // ---- queries -------------------------------------------------------------------------
