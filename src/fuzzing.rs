@@ -315,74 +315,6 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn seeds_pass_every_check() {
-        let seeds = seed_inputs();
-        assert_eq!(seeds.len(), 3 + 3 + 8 + 2);
-        let [a, _] = fixture_devices();
-        let ring = fixture_keyring();
-        for (target, bytes) in &seeds {
-            match *target {
-                "envelope_open" => {
-                    let ok = |d: &DeviceId, _: &DocId, _: KeyEpoch| *d == a.device_id();
-                    SealedEnvelope::decode(bytes)
-                        .unwrap()
-                        .open(&FIXTURE_DOC, &ring, ok)
-                        .unwrap();
-                    envelope_open(bytes);
-                }
-                "device_log_verify" => {
-                    let entries = DeviceLog::decode_entries(bytes).unwrap();
-                    DeviceLog::verify(&fixture_account(), entries).unwrap();
-                    device_log_verify(bytes);
-                }
-                "frame_decode" => {
-                    assert!(decode_frame(bytes).unwrap().is_some());
-                    frame_decode(bytes);
-                }
-                "pairing_handle" => pairing_handle(bytes),
-                other => panic!("unknown target {other}"),
-            }
-        }
-    }
-
-    #[test]
-    fn garbage_is_harmless() {
-        for data in [&[][..], &[1][..], &[1, 1, 0, 0, 0, 0][..], &[0xff; 64][..]] {
-            frame_decode(data);
-            envelope_open(data);
-            device_log_verify(data);
-            pairing_handle(data);
-        }
-    }
-
-    #[test]
-    fn pairing_seeds_complete_the_exchange() {
-        let mut f = pairing_fixture().unwrap();
-        let response = f
-            .invite
-            .handle_request(
-                &f.request,
-                PAIRING_T0_MS + 1,
-                &f.inviter,
-                &mut f.log,
-                &f.ring,
-                &mut f.rng,
-            )
-            .unwrap();
-        // A fresh fixture's joiner accepts the response built from the same fixture.
-        let mut g = pairing_fixture().unwrap();
-        let joined = g
-            .join
-            .handle_response(&response, PAIRING_T0_MS + 1, &g.joiner)
-            .unwrap();
-        assert_eq!(joined.keyring.docs().count(), 1);
-    }
-}
 
 /// A replica holding a conversation of two messages (one with attachments), and the same state on
 /// a second device of another member account, for the model targets.
@@ -546,4 +478,73 @@ pub fn change_apply(data: &[u8]) {
         }],
     );
     query_all(&r, &c);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_pass_every_check() {
+        let seeds = seed_inputs();
+        assert_eq!(seeds.len(), 3 + 3 + 8 + 2);
+        let [a, _] = fixture_devices();
+        let ring = fixture_keyring();
+        for (target, bytes) in &seeds {
+            match *target {
+                "envelope_open" => {
+                    let ok = |d: &DeviceId, _: &DocId, _: KeyEpoch| *d == a.device_id();
+                    SealedEnvelope::decode(bytes)
+                        .unwrap()
+                        .open(&FIXTURE_DOC, &ring, ok)
+                        .unwrap();
+                    envelope_open(bytes);
+                }
+                "device_log_verify" => {
+                    let entries = DeviceLog::decode_entries(bytes).unwrap();
+                    DeviceLog::verify(&fixture_account(), entries).unwrap();
+                    device_log_verify(bytes);
+                }
+                "frame_decode" => {
+                    assert!(decode_frame(bytes).unwrap().is_some());
+                    frame_decode(bytes);
+                }
+                "pairing_handle" => pairing_handle(bytes),
+                other => panic!("unknown target {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_is_harmless() {
+        for data in [&[][..], &[1][..], &[1, 1, 0, 0, 0, 0][..], &[0xff; 64][..]] {
+            frame_decode(data);
+            envelope_open(data);
+            device_log_verify(data);
+            pairing_handle(data);
+        }
+    }
+
+    #[test]
+    fn pairing_seeds_complete_the_exchange() {
+        let mut f = pairing_fixture().unwrap();
+        let response = f
+            .invite
+            .handle_request(
+                &f.request,
+                PAIRING_T0_MS + 1,
+                &f.inviter,
+                &mut f.log,
+                &f.ring,
+                &mut f.rng,
+            )
+            .unwrap();
+        // A fresh fixture's joiner accepts the response built from the same fixture.
+        let mut g = pairing_fixture().unwrap();
+        let joined = g
+            .join
+            .handle_response(&response, PAIRING_T0_MS + 1, &g.joiner)
+            .unwrap();
+        assert_eq!(joined.keyring.docs().count(), 1);
+    }
 }
