@@ -487,7 +487,7 @@ mod tests {
     #[test]
     fn seeds_pass_every_check() {
         let seeds = seed_inputs();
-        assert_eq!(seeds.len(), 3 + 3 + 8 + 2);
+        assert_eq!(seeds.len(), 2 + 4 + 3 + 3 + 8 + 2);
         let [a, _] = fixture_devices();
         let ring = fixture_keyring();
         for (target, bytes) in &seeds {
@@ -510,6 +510,11 @@ mod tests {
                     frame_decode(bytes);
                 }
                 "pairing_handle" => pairing_handle(bytes),
+                "batch_apply" => {
+                    assert!(crate::model::ChangeBatch::decode(bytes).is_ok());
+                    batch_apply(bytes);
+                }
+                "change_apply" => change_apply(bytes),
                 other => panic!("unknown target {other}"),
             }
         }
@@ -522,6 +527,8 @@ mod tests {
             envelope_open(data);
             device_log_verify(data);
             pairing_handle(data);
+            batch_apply(data);
+            change_apply(data);
         }
     }
 
