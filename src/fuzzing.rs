@@ -315,7 +315,6 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
     out
 }
 
-
 /// A replica holding a conversation of two messages (one with attachments), and the same state on
 /// a second device of another member account, for the model targets.
 fn model_fixture() -> (crate::model::Replica, crate::ids::ConversationId) {

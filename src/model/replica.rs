@@ -280,16 +280,7 @@ impl Replica {
     ) -> Result<(&mut Conversation, u32), ModelError> {
         let account = self.account;
         let c = self.member_conversation(conversation)?;
-        let key = id.key();
-        let missing = ModelError::UnknownMessage {
-            conversation: *conversation,
-            message: *id,
-        };
-        let n = c.locate(&key)?.ok_or(missing)?;
-        let msg = c.message(&key)?.ok_or(ModelError::UnknownMessage {
-            conversation: *conversation,
-            message: *id,
-        })?;
+        let (n, msg) = find_message(c, id)?;
         if msg.author != account {
             return Err(ModelError::NotAuthor {
                 message: *id,
@@ -317,10 +308,7 @@ impl Replica {
         let (c, n) = self.own_message(conversation, id)?;
         let key = id.key();
         c.segment_mut(n)?.doc_mut().write(|tx| {
-            let (obj, _) = message::locate(tx, &key).ok_or(ModelError::UnknownMessage {
-                conversation: *conversation,
-                message: *id,
-            })?;
+            let (obj, _) = message::locate(tx, &key).ok_or(unknown_message(conversation, id))?;
             tx.put(&obj, message::BODY, body)?;
             tx.put(&obj, message::EDITED, true)?;
             Ok(())
@@ -340,10 +328,7 @@ impl Replica {
         };
         let key = id.key();
         c.segment_mut(n)?.doc_mut().write(|tx| {
-            let (obj, _) = message::locate(tx, &key).ok_or(ModelError::UnknownMessage {
-                conversation: *conversation,
-                message: *id,
-            })?;
+            let (obj, _) = message::locate(tx, &key).ok_or(unknown_message(conversation, id))?;
             message::strip_content(tx, &obj)?;
             tx.put(&obj, message::RECALLED, true)?;
             Ok(())
@@ -362,15 +347,7 @@ impl Replica {
         let account = self.account;
         let c = self.member_conversation(conversation)?;
         let key = id.key();
-        let missing = ModelError::UnknownMessage {
-            conversation: *conversation,
-            message: *id,
-        };
-        let n = c.locate(&key)?.ok_or(missing)?;
-        let msg = c.message(&key)?.ok_or(ModelError::UnknownMessage {
-            conversation: *conversation,
-            message: *id,
-        })?;
+        let (n, msg) = find_message(c, id)?;
         if msg.recalled && on {
             return Err(ModelError::Recalled(*id));
         }
@@ -383,10 +360,7 @@ impl Replica {
         }
         let slot = message::reaction_key(&account, reaction);
         c.segment_mut(n)?.doc_mut().write(|tx| {
-            let (obj, _) = message::locate(tx, &key).ok_or(ModelError::UnknownMessage {
-                conversation: *conversation,
-                message: *id,
-            })?;
+            let (obj, _) = message::locate(tx, &key).ok_or(unknown_message(conversation, id))?;
             if on {
                 tx.put(&obj, slot, true)?;
             } else {
@@ -441,10 +415,7 @@ impl Replica {
     ) -> Result<(), ModelError> {
         let c = self.conversation(conversation)?;
         if c.locate(&id.key())?.is_none() {
-            return Err(ModelError::UnknownMessage {
-                conversation: *conversation,
-                message: *id,
-            });
+            return Err(unknown_message(conversation, id));
         }
         self.account_doc.hide(conversation, &id.key())
     }
@@ -648,10 +619,7 @@ impl Replica {
         let c = self.conversation(conversation)?;
         c.message(&id.key())?
             .filter(|m| m.id == *id)
-            .ok_or(ModelError::UnknownMessage {
-                conversation: *conversation,
-                message: *id,
-            })
+            .ok_or(unknown_message(conversation, id))
     }
 
     // ---- sync surface --------------------------------------------------------------------
@@ -903,5 +871,24 @@ impl Replica {
                 Ok(stats)
             }
         }
+    }
+}
+
+/// The error for a message a conversation does not have.
+fn unknown_message(conversation: &ConversationId, id: &MessageId) -> ModelError {
+    ModelError::UnknownMessage {
+        conversation: *conversation,
+        message: *id,
+    }
+}
+
+/// The segment and current state of a message.
+fn find_message(c: &Conversation, id: &MessageId) -> Result<(u32, Message), ModelError> {
+    let key = id.key();
+    let n = c.locate(&key)?;
+    let msg = c.message(&key)?;
+    match (n, msg) {
+        (Some(n), Some(msg)) if msg.id == *id => Ok((n, msg)),
+        _ => Err(unknown_message(&c.id(), id)),
     }
 }

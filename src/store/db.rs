@@ -141,6 +141,9 @@ impl From<DocAddrError> for StoreError {
 /// A stored segment of a conversation: its number and recorded info, if any.
 pub type SegmentRow = (u32, Option<Vec<u8>>);
 
+/// A stored document: its address and recorded info, if any.
+type DocRow = (DocAddr, Option<Vec<u8>>);
+
 /// Everything stored about one document, opened.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StoredDoc {
@@ -315,24 +318,46 @@ impl Store {
         }))
     }
 
+    /// Stored documents (of one conversation, or all), with their lookup key and sealed info.
+    fn doc_rows(&self, conv: Option<[u8; 32]>) -> Result<Vec<DocRow>, StoreError> {
+        let mut stmt = match conv {
+            Some(_) => self
+                .conn
+                .prepare_cached("SELECT lookup, addr, info FROM docs WHERE conv = ?1")?,
+            None => self
+                .conn
+                .prepare_cached("SELECT lookup, addr, info FROM docs")?,
+        };
+        let mut rows = match conv {
+            Some(c) => stmt.query(params![c])?,
+            None => stmt.query([])?,
+        };
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let lookup: Vec<u8> = r.get(0)?;
+            let sealed: Vec<u8> = r.get(1)?;
+            let info: Option<Vec<u8>> = r.get(2)?;
+            let addr = open_addr(&self.sealer, &lookup, &sealed)?;
+            let info = info
+                .map(|i| open(&self.sealer, "document info", &info_aad(&lookup), &i))
+                .transpose()?;
+            out.push((addr, info));
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Addresses of every stored document of a conversation.
     pub fn conversation_docs(
         &self,
         conversation: &ConversationId,
     ) -> Result<Vec<DocAddr>, StoreError> {
         let conv = conv_lookup(&self.sealer, conversation);
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT lookup, addr FROM docs WHERE conv = ?1")?;
-        let mut out = Vec::new();
-        let mut rows = stmt.query(params![conv])?;
-        while let Some(r) = rows.next()? {
-            let lookup: Vec<u8> = r.get(0)?;
-            let sealed: Vec<u8> = r.get(1)?;
-            out.push(open_addr(&self.sealer, &lookup, &sealed)?);
-        }
-        out.sort();
-        Ok(out)
+        Ok(self
+            .doc_rows(Some(conv))?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect())
     }
 
     /// Stored segment documents of a conversation with their recorded info (see
@@ -342,38 +367,19 @@ impl Store {
         conversation: &ConversationId,
     ) -> Result<Vec<SegmentRow>, StoreError> {
         let conv = conv_lookup(&self.sealer, conversation);
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT lookup, addr, info FROM docs WHERE conv = ?1")?;
-        let mut out = Vec::new();
-        let mut rows = stmt.query(params![conv])?;
-        while let Some(r) = rows.next()? {
-            let lookup: Vec<u8> = r.get(0)?;
-            let sealed: Vec<u8> = r.get(1)?;
-            let info: Option<Vec<u8>> = r.get(2)?;
-            if let DocAddr::Segment(_, n) = open_addr(&self.sealer, &lookup, &sealed)? {
-                let info = info
-                    .map(|i| open(&self.sealer, "segment info", &info_aad(&lookup), &i))
-                    .transpose()?;
-                out.push((n, info));
-            }
-        }
-        out.sort();
-        Ok(out)
+        Ok(self
+            .doc_rows(Some(conv))?
+            .into_iter()
+            .filter_map(|(addr, info)| match addr {
+                DocAddr::Segment(_, n) => Some((n, info)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Addresses of every stored document.
     pub fn all_docs(&self) -> Result<Vec<DocAddr>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT lookup, addr FROM docs")?;
-        let mut out = Vec::new();
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            let lookup: Vec<u8> = r.get(0)?;
-            let sealed: Vec<u8> = r.get(1)?;
-            out.push(open_addr(&self.sealer, &lookup, &sealed)?);
-        }
-        out.sort();
-        Ok(out)
+        Ok(self.doc_rows(None)?.into_iter().map(|(a, _)| a).collect())
     }
 
     /// Number of change chunks stored after the snapshot of a document.
