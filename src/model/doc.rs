@@ -83,9 +83,8 @@ pub struct SyncedDoc {
     unsaved: Vec<u8>,
     /// Whether the pending buffer changed since the last [`SyncedDoc::take_unsaved`].
     pending_dirty: bool,
-    /// Message maps whose text or recall flag remote changes wrote since the last
-    /// [`SyncedDoc::take_touched`].
-    touched: Vec<(u64, automerge::ActorId)>,
+    /// What remote changes wrote to since the last [`SyncedDoc::take_touched`].
+    touched: validate::Touched,
 }
 
 /// What a store must write to make a document durable: the changes applied since the last call,
@@ -116,7 +115,7 @@ impl SyncedDoc {
             pending: HashMap::new(),
             unsaved: Vec::new(),
             pending_dirty: false,
-            touched: Vec::new(),
+            touched: validate::Touched::default(),
         }
     }
 
@@ -149,7 +148,7 @@ impl SyncedDoc {
             pending: pending.iter().map(|c| (c.hash(), c.clone())).collect(),
             unsaved: Vec::new(),
             pending_dirty: false,
-            touched: Vec::new(),
+            touched: validate::Touched::default(),
         };
         let mut metas: Vec<(DeviceId, u64, ChangeHash)> = Vec::new();
         for meta in out.doc.get_changes_meta(&[]) {
@@ -298,7 +297,9 @@ impl SyncedDoc {
         let ready = self.take_ready()?;
         let checked = validate::split_valid(&self.doc, ready);
         let ready = checked.valid;
-        self.touched.extend(checked.touched);
+        let mut touched = checked.touched;
+        self.touched.messages.append(&mut touched.messages);
+        self.touched.root_keys.append(&mut touched.root_keys);
         let refused: Vec<(DeviceId, u64, &'static str)> = checked
             .refused
             .iter()
@@ -405,12 +406,16 @@ impl SyncedDoc {
         }
     }
 
-    /// Takes the message objects whose text, attachments or recall flag remote changes wrote.
-    pub(crate) fn take_touched(&mut self) -> Vec<automerge::ObjId> {
-        std::mem::take(&mut self.touched)
+    /// Takes what remote changes wrote to since the last call: the message objects whose text,
+    /// attachments or recall flag changed, and the root keys written.
+    pub(crate) fn take_touched(&mut self) -> (Vec<automerge::ObjId>, Vec<String>) {
+        let touched = std::mem::take(&mut self.touched);
+        let objects = touched
+            .messages
             .into_iter()
             .map(|(counter, actor)| automerge::ObjId::Id(counter, actor, usize::MAX))
-            .collect()
+            .collect();
+        (objects, touched.root_keys)
     }
 
     /// Whether anything applied or buffered has not been taken by [`SyncedDoc::take_unsaved`].

@@ -843,7 +843,8 @@ impl Replica {
                 if stats.applied == 0 {
                     return Ok(stats);
                 }
-                for id in segment.reindex() {
+                let (touched, root_keys) = segment.doc_mut().take_touched();
+                for id in segment.reindex_keys(&root_keys) {
                     if let Err(e) = self.clock.observe(id.hlc, now_ms) {
                         report.clock_skew.push((id, e));
                     }
@@ -852,7 +853,6 @@ impl Replica {
                 // An edit concurrent with a recall writes the text back. The author's devices
                 // remove it again, so that a recalled text leaves the current state everywhere
                 // once they have seen both.
-                let touched = segment.doc_mut().take_touched();
                 let account = self.account;
                 let stale: Vec<automerge::ObjId> = touched
                     .into_iter()

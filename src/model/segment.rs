@@ -195,6 +195,45 @@ impl Segment {
         added
     }
 
+    /// Updates the key index for the root keys that remote changes wrote, and returns the ids of
+    /// the new readable messages in key order. Costs one lookup per key written, not a scan of the
+    /// segment; gives the same index as [`Segment::reindex`].
+    pub fn reindex_keys(&mut self, written: &[String]) -> Vec<MessageId> {
+        let doc = self.doc.doc();
+        let mut keys: Vec<MessageKey> = written
+            .iter()
+            .filter_map(|k| MessageKey::decode(k))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut added = Vec::new();
+        for key in keys {
+            let found = match doc.get(automerge::ROOT, key.encode()) {
+                Ok(Some((value, id))) => valid_object(
+                    &key,
+                    matches!(value, automerge::Value::Object(ObjType::Map)),
+                    &id,
+                )
+                .filter(|(obj, _)| message::author(doc, obj).is_some()),
+                _ => None,
+            };
+            match (found, self.keys.binary_search(&key)) {
+                (Some((_, device)), Err(at)) => {
+                    self.keys.insert(at, key);
+                    added.push(MessageId {
+                        hlc: key.hlc,
+                        device,
+                    });
+                }
+                (None, Ok(at)) => {
+                    self.keys.remove(at);
+                }
+                _ => {}
+            }
+        }
+        added
+    }
+
     /// Up to `limit` keys strictly before `before` (all keys if `None`), newest last.
     pub fn keys_before(&self, before: Option<MessageKey>, limit: usize) -> &[MessageKey] {
         let end = match before {

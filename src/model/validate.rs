@@ -31,9 +31,18 @@ pub(crate) struct Checked {
     pub valid: Vec<Change>,
     /// Changes refused, with the reason; every change depending on a refused one is refused too.
     pub refused: Vec<(Change, &'static str)>,
-    /// Maps (messages) whose text, attachments or recall flag the valid changes write: object
-    /// id counter and actor.
-    pub touched: Vec<(u64, ActorId)>,
+    /// What the valid changes write to.
+    pub touched: Touched,
+}
+
+/// What a run of changes writes to, for the updates that follow an apply.
+#[derive(Debug, Default)]
+pub(crate) struct Touched {
+    /// Maps (messages) whose text, attachments or recall flag are written: object id counter
+    /// and actor.
+    pub messages: Vec<(u64, ActorId)>,
+    /// Keys of the root map that are written (in a segment: message keys).
+    pub root_keys: Vec<String>,
 }
 
 /// Splits a topologically ordered run of changes into those that may be applied and those
@@ -43,7 +52,7 @@ pub(crate) fn split_valid(doc: &Automerge, changes: Vec<Change>) -> Checked {
     let mut accepted: Accepted = HashMap::new();
     let mut bad: HashSet<ChangeHash> = HashSet::new();
     let mut valid = Vec::with_capacity(changes.len());
-    let mut touched = Vec::new();
+    let mut touched = Touched::default();
     let mut refused = Vec::new();
     for change in changes {
         if change.deps().iter().any(|d| bad.contains(d)) {
@@ -54,8 +63,9 @@ pub(crate) fn split_valid(doc: &Automerge, changes: Vec<Change>) -> Checked {
         // Objects this change creates count only once it is accepted.
         let mut mine: Created = HashMap::new();
         match check_change(doc, &change, &created, &accepted, &mut mine) {
-            Ok(objects) => {
-                touched.extend(objects);
+            Ok(mut writes) => {
+                touched.messages.append(&mut writes.messages);
+                touched.root_keys.append(&mut writes.root_keys);
                 created.extend(mine);
                 let start = change.start_op().get();
                 accepted
@@ -83,14 +93,14 @@ fn check_change(
     earlier: &Created,
     accepted: &Accepted,
     created: &mut Created,
-) -> Result<Vec<(u64, ActorId)>, &'static str> {
+) -> Result<Touched, &'static str> {
     let expanded = change.decode();
     let actor = expanded.actor_id.clone();
     let start = expanded.start_op.get();
     // Objects and list insertions made by this change, by counter.
     let mut own_lists: HashMap<u64, ()> = HashMap::new();
     let mut own_inserts: HashMap<u64, u64> = HashMap::new();
-    let mut touched = Vec::new();
+    let mut touched = Touched::default();
     let known = |id: &OpId, created: &Created| -> Option<ObjType> {
         let k = (id.0, id.1.clone());
         earlier.get(&k).or_else(|| created.get(&k)).copied()
@@ -125,10 +135,12 @@ fn check_change(
                 if op.insert {
                     return Err("list position used on a map");
                 }
-                if let ObjectId::Id(id) = &op.obj {
-                    if matches!(key.as_str(), "body" | "recalled" | "att") {
-                        touched.push((id.0, id.1.clone()));
+                match &op.obj {
+                    ObjectId::Id(id) if matches!(key.as_str(), "body" | "recalled" | "att") => {
+                        touched.messages.push((id.0, id.1.clone()));
                     }
+                    ObjectId::Root => touched.root_keys.push(key.to_string()),
+                    ObjectId::Id(_) => {}
                 }
             }
             ObjType::List => {
