@@ -185,7 +185,7 @@ fn newer_schema_is_refused() {
         open(&path, 1),
         Err(StoreError::SchemaTooNew {
             found: 99,
-            supported: 1
+            supported: 2
         })
     ));
 }
@@ -213,4 +213,85 @@ fn no_plaintext_in_the_files() {
         assert!(!bytes.windows(16).any(|w| w == CONV.as_bytes()));
     }
     assert!(scanned > 4096, "the scan read the database and its WAL");
+}
+
+#[test]
+fn key_material_and_device_log_round_trip_sealed() {
+    use roamsync::crypto::device_log::DeviceLog;
+    use roamsync::crypto::identity::DeviceSecret;
+    use roamsync::crypto::keys::{DocKey, KeyEpoch};
+    use roamsync::crypto::rng::SeedRng;
+    use roamsync::ids::DocId;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    let mut rng = SeedRng::from_seed([3; 32]);
+    let secret = DeviceSecret::generate(&mut rng);
+    let log = DeviceLog::create(&secret, "phone", "test").unwrap();
+    let doc = DocId::from_bytes([4; 32]);
+    let key0 = [0x51; 32];
+    let key1 = [0x52; 32];
+    {
+        let mut s = open(&path, 1).unwrap();
+        assert!(s.device_secret().unwrap().is_none());
+        assert!(s.device_log().unwrap().is_none());
+        s.write(|tx| {
+            tx.put_device_secret(&secret)?;
+            tx.put_device_log(&log)?;
+            tx.put_doc_key(&doc, KeyEpoch(0), &DocKey::from_bytes(key0))?;
+            tx.put_doc_key(&doc, KeyEpoch(1), &DocKey::from_bytes(key1))
+        })
+        .unwrap();
+    }
+    let s = open(&path, 1).unwrap();
+    assert_eq!(
+        s.device_secret().unwrap().unwrap().device_id(),
+        secret.device_id()
+    );
+    let entries = s.device_log().unwrap().unwrap();
+    let verified = DeviceLog::verify(&log.account(), entries).unwrap();
+    assert_eq!(verified.head(), log.head());
+    let mut keys: Vec<_> = s
+        .doc_keys()
+        .unwrap()
+        .into_iter()
+        .map(|(d, e, k)| (d, e.0, *k.as_bytes()))
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec![(doc, 0, key0), (doc, 1, key1)]);
+    // Nothing of it is readable in the files.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        for needle in [&key0[..], &key1[..], b"phone"] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+        }
+    }
+}
+
+#[test]
+fn an_older_schema_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    {
+        // A store as the first schema version left it.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(roamsync::store::db::MIGRATIONS[0])
+            .unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+    }
+    let mut s = open(&path, 1).unwrap();
+    let version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, roamsync::store::db::SCHEMA_VERSION);
+    s.write(|tx| {
+        tx.put_doc_key(
+            &roamsync::ids::DocId::from_bytes([1; 32]),
+            roamsync::crypto::keys::KeyEpoch(0),
+            &roamsync::crypto::keys::DocKey::from_bytes([2; 32]),
+        )
+    })
+    .unwrap();
+    assert_eq!(s.doc_keys().unwrap().len(), 1);
 }

@@ -13,19 +13,25 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::ids::{ConversationId, DocAddr, DocAddrError};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::crypto::device_log::{DeviceLog, DeviceLogEntry};
+use crate::crypto::identity::DeviceSecret;
+use crate::crypto::keys::{DocKey, KeyEpoch};
+use crate::ids::{ConversationId, DocAddr, DocAddrError, DocId};
 use crate::store::seal::{SealError, Sealer, StorageKey};
 
 /// Schema version this code writes; older files are migrated on open.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Change chunks of one document after which [`Store::needs_compaction`] says yes.
 pub const COMPACT_AFTER_CHUNKS: u64 = 256;
 
 const KEY_CHECK_PLAINTEXT: &[u8] = b"roamsync storage key check v1";
 
-/// Each entry migrates the schema from version `index` to `index + 1`.
-const MIGRATIONS: &[&str] = &[
+/// The schema, as migrations: entry `i` moves a store from version `i` to `i + 1`. A store is
+/// created by running all of them and upgraded by running those past its version.
+pub const MIGRATIONS: &[&str] = &[
     // 0 -> 1
     "CREATE TABLE settings (
          name  TEXT PRIMARY KEY,
@@ -65,6 +71,13 @@ const MIGRATIONS: &[&str] = &[
          doc   BLOB NOT NULL,
          seq   INTEGER NOT NULL,
          PRIMARY KEY (relay, doc)
+     ) WITHOUT ROWID;",
+    // 1 -> 2: document keys, one row per (document, epoch).
+    "CREATE TABLE doc_keys (
+         doc   BLOB NOT NULL,
+         epoch INTEGER NOT NULL,
+         key   BLOB NOT NULL,
+         PRIMARY KEY (doc, epoch)
      ) WITHOUT ROWID;",
 ];
 
@@ -472,6 +485,72 @@ impl Store {
         Ok(seq.map(|s| s as u64))
     }
 
+    /// Every stored document key: document, epoch and key.
+    pub fn doc_keys(&self) -> Result<Vec<(DocId, KeyEpoch, DocKey)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT doc, epoch, key FROM doc_keys")?;
+        let mut out = Vec::new();
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let doc: Vec<u8> = r.get(0)?;
+            let epoch: i64 = r.get(1)?;
+            let sealed: Vec<u8> = r.get(2)?;
+            let plain = Zeroizing::new(open(
+                &self.sealer,
+                "document key",
+                &key_aad(&doc, epoch),
+                &sealed,
+            )?);
+            if plain.len() != 64 {
+                return Err(StoreError::Malformed {
+                    what: "document key",
+                });
+            }
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&plain[..32]);
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&plain[32..]);
+            let epoch =
+                u32::try_from(epoch).map_err(|_| StoreError::Malformed { what: "key epoch" })?;
+            out.push((
+                DocId::from_bytes(id),
+                KeyEpoch(epoch),
+                DocKey::from_bytes(key),
+            ));
+            key.zeroize();
+        }
+        Ok(out)
+    }
+
+    /// This device's secret keys, if stored.
+    pub fn device_secret(&self) -> Result<Option<DeviceSecret>, StoreError> {
+        let Some(plain) = self.setting("device_secret")?.map(Zeroizing::new) else {
+            return Ok(None);
+        };
+        if plain.len() != 64 {
+            return Err(StoreError::Malformed {
+                what: "device secret",
+            });
+        }
+        let mut signing = Zeroizing::new([0u8; 32]);
+        let mut agreement = Zeroizing::new([0u8; 32]);
+        signing.copy_from_slice(&plain[..32]);
+        agreement.copy_from_slice(&plain[32..]);
+        Ok(Some(DeviceSecret::from_secret_bytes(&signing, &agreement)))
+    }
+
+    /// The account's device log as stored (not verified: the caller verifies it against the
+    /// account id it expects).
+    pub fn device_log(&self) -> Result<Option<Vec<DeviceLogEntry>>, StoreError> {
+        self.setting("device_log")?
+            .map(|bytes| {
+                DeviceLog::decode_entries(&bytes)
+                    .map_err(|_| StoreError::Malformed { what: "device log" })
+            })
+            .transpose()
+    }
+
     /// Runs SQLite's own consistency check; `Ok(())` if the file is sound.
     pub fn integrity_check(&self) -> Result<(), StoreError> {
         let result: String = self
@@ -651,6 +730,42 @@ impl StoreTx<'_> {
         Ok(id)
     }
 
+    /// Stores a document key. Storing the same (document, epoch) again replaces it.
+    pub fn put_doc_key(
+        &mut self,
+        doc: &DocId,
+        epoch: KeyEpoch,
+        key: &DocKey,
+    ) -> Result<(), StoreError> {
+        let lookup = self.sealer.lookup("doc key", doc.as_bytes());
+        let mut plain = Zeroizing::new(Vec::with_capacity(64));
+        plain.extend_from_slice(doc.as_bytes());
+        plain.extend_from_slice(key.as_bytes());
+        let sealed = self
+            .sealer
+            .seal(&key_aad(&lookup, i64::from(epoch.0)), &plain);
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO doc_keys (doc, epoch, key) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![lookup, i64::from(epoch.0), sealed])?;
+        Ok(())
+    }
+
+    /// Stores this device's secret keys.
+    pub fn put_device_secret(&mut self, secret: &DeviceSecret) -> Result<(), StoreError> {
+        let (signing, agreement) = secret.secret_bytes_for_storage();
+        let mut plain = Zeroizing::new(Vec::with_capacity(64));
+        plain.extend_from_slice(&*signing);
+        plain.extend_from_slice(&*agreement);
+        self.put_setting("device_secret", &plain)
+    }
+
+    /// Stores the account's device log (all entries; replaces the previous one).
+    pub fn put_device_log(&mut self, log: &DeviceLog) -> Result<(), StoreError> {
+        self.put_setting("device_log", &DeviceLog::encode_entries(log.entries()))
+    }
+
     /// Records how far a document has been pulled from a relay.
     pub fn set_cursor(&mut self, relay: &[u8], addr: &DocAddr, seq: u64) -> Result<(), StoreError> {
         let relay = self.sealer.lookup("relay", relay);
@@ -731,6 +846,10 @@ fn summary_aad(conv: &[u8]) -> Vec<u8> {
 
 fn setting_aad(name: &str) -> Vec<u8> {
     tagged("settings", name.as_bytes(), None)
+}
+
+fn key_aad(lookup: &[u8], epoch: i64) -> Vec<u8> {
+    tagged("doc_keys", lookup, Some(epoch))
 }
 
 fn queue_aad(table: &str, id: i64) -> Vec<u8> {
