@@ -185,7 +185,7 @@ fn newer_schema_is_refused() {
         open(&path, 1),
         Err(StoreError::SchemaTooNew {
             found: 99,
-            supported: 2
+            supported: 3
         })
     ));
 }

@@ -86,6 +86,16 @@ fn everything_survives_a_reopen() {
         r.set_draft(&chat, "see you").unwrap();
         (chat, ids, r.replica().clock().last())
     };
+    let vv_before = {
+        let mut r = open(&path, cfg);
+        let before = r.version_vector(&DocAddr::Segment(chat, 2)).unwrap();
+        assert!(
+            r.replica().loaded_segments().is_empty(),
+            "read from the store, not loaded"
+        );
+        before
+    };
+    assert!(vv_before.seq(&PHONE) > 0);
     let mut r = open(&path, cfg);
     // The list comes from stored summaries alone.
     let list = r.conversation_list().unwrap();
@@ -107,6 +117,10 @@ fn everything_survives_a_reopen() {
     assert_eq!(
         r.message(&chat, &ids[2]).unwrap().body.as_deref(),
         Some("message 2, edited")
+    );
+    assert_eq!(
+        r.replica().version_vector(&DocAddr::Segment(chat, 2)),
+        vv_before
     );
     assert_eq!(
         r.message(&chat, &ids[3]).unwrap().reactions[0].reaction,

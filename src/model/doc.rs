@@ -48,6 +48,31 @@ impl VersionVector {
         self.0.iter()
     }
 
+    /// Encodes the vector: `u32 count | count × ([32] device, u64 seq)`, big-endian, in device
+    /// order.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = crate::wire::codec::Writer::with_capacity(4 + 40 * self.0.len());
+        w.u32(self.0.len() as u32);
+        for (device, seq) in &self.0 {
+            w.put(device.as_bytes()).u64(*seq);
+        }
+        w.into_bytes()
+    }
+
+    /// Decodes [`VersionVector::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Result<VersionVector, crate::wire::codec::CodecError> {
+        let mut r = crate::wire::codec::Reader::new(bytes);
+        let count = r.u32()? as usize;
+        let mut vv = VersionVector::new();
+        for _ in 0..count {
+            let device = DeviceId::from_bytes(r.array()?);
+            let seq = r.u64()?;
+            vv.set(device, seq);
+        }
+        r.finish()?;
+        Ok(vv)
+    }
+
     /// Whether this vector holds everything `other` holds.
     pub fn dominates(&self, other: &VersionVector) -> bool {
         other.0.iter().all(|(d, s)| self.seq(d) >= *s)

@@ -79,6 +79,8 @@ pub const MIGRATIONS: &[&str] = &[
          key   BLOB NOT NULL,
          PRIMARY KEY (doc, epoch)
      ) WITHOUT ROWID;",
+    // 2 -> 3: each document's version vector, so a sync can start without loading documents.
+    "ALTER TABLE docs ADD COLUMN vv BLOB;",
 ];
 
 /// How hard a commit waits for the disk.
@@ -485,6 +487,23 @@ impl Store {
         Ok(seq.map(|s| s as u64))
     }
 
+    /// The recorded version vector of a document (what this device holds of it), if any.
+    pub fn version_vector(&self, addr: &DocAddr) -> Result<Option<Vec<u8>>, StoreError> {
+        let lookup = doc_lookup(&self.sealer, addr);
+        let sealed: Option<Option<Vec<u8>>> = self
+            .conn
+            .query_row(
+                "SELECT vv FROM docs WHERE lookup = ?1",
+                params![lookup],
+                |r| r.get(0),
+            )
+            .optional()?;
+        sealed
+            .flatten()
+            .map(|v| open(&self.sealer, "version vector", &vv_aad(&lookup), &v))
+            .transpose()
+    }
+
     /// Every stored document key: document, epoch and key.
     pub fn doc_keys(&self) -> Result<Vec<(DocId, KeyEpoch, DocKey)>, StoreError> {
         let mut stmt = self
@@ -638,6 +657,16 @@ impl StoreTx<'_> {
         let sealed = self.sealer.seal(&info_aad(&lookup), info);
         self.tx
             .prepare_cached("UPDATE docs SET info = ?1 WHERE id = ?2")?
+            .execute(params![sealed, id])?;
+        Ok(())
+    }
+
+    /// Records a document's version vector (opaque bytes to this layer).
+    pub fn put_version_vector(&mut self, addr: &DocAddr, vv: &[u8]) -> Result<(), StoreError> {
+        let (id, lookup) = self.doc_row(addr)?;
+        let sealed = self.sealer.seal(&vv_aad(&lookup), vv);
+        self.tx
+            .prepare_cached("UPDATE docs SET vv = ?1 WHERE id = ?2")?
             .execute(params![sealed, id])?;
         Ok(())
     }
@@ -834,6 +863,10 @@ fn chunk_aad(lookup: &[u8], seq: i64) -> Vec<u8> {
 
 fn info_aad(lookup: &[u8]) -> Vec<u8> {
     tagged("docs/info", lookup, None)
+}
+
+fn vv_aad(lookup: &[u8]) -> Vec<u8> {
+    tagged("docs/vv", lookup, None)
 }
 
 fn pending_aad(lookup: &[u8]) -> Vec<u8> {

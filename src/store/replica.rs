@@ -232,6 +232,7 @@ impl StoredReplica {
             for addr in &docs {
                 if let Some(snapshot) = replica.save_doc(addr) {
                     tx.compact(addr, &snapshot)?;
+                    tx.put_version_vector(addr, &replica.version_vector(addr).encode())?;
                 }
                 if let DocAddr::Segment(c, n) = addr {
                     if let Some(info) = replica.segment_info(c, *n) {
@@ -389,11 +390,16 @@ impl StoredReplica {
                 summaries.push(s);
             }
         }
+        let vvs: Vec<Vec<u8>> = unsaved
+            .iter()
+            .map(|(addr, _)| self.replica.version_vector(addr).encode())
+            .collect();
         let clock = self.replica.clock().last().as_u64().to_be_bytes();
         self.store.write(|tx| {
-            for (addr, u) in &unsaved {
+            for ((addr, u), vv) in unsaved.iter().zip(&vvs) {
                 if !u.applied.is_empty() {
                     tx.append_chunk(addr, &u.applied)?;
+                    tx.put_version_vector(addr, vv)?;
                 }
                 if let Some(p) = &u.pending {
                     tx.put_pending(addr, Some(p))?;
@@ -581,10 +587,21 @@ impl StoredReplica {
         Ok(all.into_iter().collect())
     }
 
-    /// What this replica holds of a document, loading it if needed.
+    /// What this replica holds of a document: from memory if it is loaded, else as recorded in
+    /// the store (no load needed), else empty.
     pub fn version_vector(&mut self, addr: &DocAddr) -> Result<crate::model::VersionVector> {
-        self.ensure_loaded(addr)?;
-        Ok(self.replica.version_vector(addr))
+        if self.replica.synced_doc(addr).is_some() {
+            return Ok(self.replica.version_vector(addr));
+        }
+        match self.store.version_vector(addr)? {
+            Some(bytes) => crate::model::VersionVector::decode(&bytes).map_err(|_| {
+                StoreError::Malformed {
+                    what: "version vector",
+                }
+                .into()
+            }),
+            None => Ok(crate::model::VersionVector::new()),
+        }
     }
 
     /// The changes of a document that a replica at `have` lacks, loading the document if needed.

@@ -251,3 +251,22 @@ fn incremental_index_equals_a_full_scan() {
         seg_keys(&rebuilt)
     );
 }
+
+proptest::proptest! {
+    #[test]
+    fn version_vectors_round_trip_and_garbage_is_an_error(
+        entries in proptest::collection::btree_map(proptest::prelude::any::<[u8; 32]>(), 1u64.., 0..8),
+        garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+    ) {
+        let mut vv = VersionVector::new();
+        for (d, s) in &entries {
+            vv.set(crate::ids::DeviceId::from_bytes(*d), *s);
+        }
+        let bytes = vv.encode();
+        proptest::prop_assert_eq!(VersionVector::decode(&bytes).unwrap(), vv);
+        if !bytes.is_empty() {
+            proptest::prop_assert!(VersionVector::decode(&bytes[..bytes.len() - 1]).is_err());
+        }
+        let _ = VersionVector::decode(&garbage);
+    }
+}
