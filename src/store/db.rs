@@ -392,6 +392,31 @@ impl Store {
             .collect())
     }
 
+    /// Bytes of content (snapshots, change chunks) stored per document that is not evicted, with
+    /// its recorded info.
+    pub fn doc_sizes(&self) -> Result<Vec<(DocAddr, u64, Option<Vec<u8>>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT docs.lookup, docs.addr, docs.info,
+                    coalesce(length(docs.snapshot), 0)
+                    + coalesce((SELECT sum(length(data)) FROM chunks WHERE chunks.doc = docs.id), 0)
+             FROM docs WHERE docs.evicted = 0",
+        )?;
+        let mut out = Vec::new();
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let lookup: Vec<u8> = r.get(0)?;
+            let sealed: Vec<u8> = r.get(1)?;
+            let info: Option<Vec<u8>> = r.get(2)?;
+            let size: i64 = r.get(3)?;
+            let addr = open_addr(&self.sealer, &lookup, &sealed)?;
+            let info = info
+                .map(|i| open(&self.sealer, "document info", &info_aad(&lookup), &i))
+                .transpose()?;
+            out.push((addr, size.max(0) as u64, info));
+        }
+        Ok(out)
+    }
+
     /// Addresses of every stored document.
     pub fn all_docs(&self) -> Result<Vec<DocAddr>, StoreError> {
         Ok(self.doc_rows(None)?.into_iter().map(|(a, _)| a).collect())
@@ -688,8 +713,10 @@ impl StoreTx<'_> {
     /// Drops a document's content to free disk, keeping a mark that it must be fetched again.
     pub fn evict(&mut self, addr: &DocAddr) -> Result<(), StoreError> {
         let (id, _) = self.doc_row(addr)?;
+        // The version vector goes too: this device no longer holds those changes, and a sync must
+        // offer them again.
         self.tx.execute(
-            "UPDATE docs SET snapshot = NULL, evicted = 1 WHERE id = ?1",
+            "UPDATE docs SET snapshot = NULL, pending = NULL, vv = NULL, evicted = 1 WHERE id = ?1",
             params![id],
         )?;
         self.tx

@@ -47,6 +47,12 @@ pub struct StoreConfig {
     pub cache_budget_bytes: usize,
     /// How hard each commit waits for the disk.
     pub durability: Durability,
+    /// Optional budget for stored content, in bytes. Past it, the segments holding the oldest
+    /// messages are dropped from the disk and marked evicted, until the content fits or only
+    /// what must stay is left (account and meta documents, each conversation's newest segment,
+    /// segments in memory). Reading an evicted segment fails with [`ReplicaStoreError::Evicted`]
+    /// until it is fetched again; its version vector is cleared so that a sync offers it again.
+    pub disk_budget_bytes: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -55,6 +61,7 @@ impl Default for StoreConfig {
             model: ModelConfig::default(),
             cache_budget_bytes: DEFAULT_CACHE_BUDGET_BYTES,
             durability: Durability::Full,
+            disk_budget_bytes: None,
         }
     }
 }
@@ -342,6 +349,7 @@ impl StoredReplica {
         // A refused operation changed nothing, but loads may have; storing is cheap when idle.
         self.persist()?;
         self.shrink_cache()?;
+        self.shrink_disk()?;
         out
     }
 
@@ -465,6 +473,56 @@ impl StoredReplica {
             self.replica.unload_segment(&c, n)?;
             self.last_used.remove(&(c, n));
             total -= estimate(count);
+        }
+        Ok(())
+    }
+
+    /// Evicts the segments with the oldest messages from the disk until the stored content fits
+    /// the disk budget. A conversation's newest segment and segments in memory stay.
+    fn shrink_disk(&mut self) -> Result<()> {
+        let Some(budget) = self.config.disk_budget_bytes else {
+            return Ok(());
+        };
+        let sizes = self.store.doc_sizes()?;
+        let mut total: u64 = sizes.iter().map(|(_, size, _)| *size).sum();
+        if total <= budget {
+            return Ok(());
+        }
+        let mut newest: BTreeMap<ConversationId, u32> = BTreeMap::new();
+        for (addr, _, _) in &sizes {
+            if let DocAddr::Segment(c, n) = addr {
+                let e = newest.entry(*c).or_insert(*n);
+                *e = (*e).max(*n);
+            }
+        }
+        let mut candidates: Vec<(Option<crate::ids::MessageKey>, DocAddr, u64)> = sizes
+            .into_iter()
+            .filter_map(|(addr, size, info)| match addr {
+                DocAddr::Segment(c, n)
+                    if newest.get(&c) != Some(&n) && !self.replica.is_segment_loaded(&c, n) =>
+                {
+                    let max_key = info.as_deref().and_then(SegmentInfo::decode)?.max_key;
+                    Some((max_key, addr, size))
+                }
+                _ => None,
+            })
+            .collect();
+        candidates.sort();
+        let mut evict = Vec::new();
+        for (_, addr, size) in candidates {
+            if total <= budget {
+                break;
+            }
+            evict.push(addr);
+            total = total.saturating_sub(size);
+        }
+        if !evict.is_empty() {
+            self.store.write(|tx| {
+                for addr in &evict {
+                    tx.evict(addr)?;
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }
