@@ -507,11 +507,12 @@ impl World {
         let report = self.nodes[to].replica.apply(now, batches);
         // What a document reports applied is exactly how far its version vector moved.
         for (addr, was) in addrs.iter().zip(before) {
+            // (Plus the receiver's own repairs: removing text an edit wrote back over a recall.)
             let applied: usize = report
                 .docs
                 .iter()
                 .filter(|(a, _)| a == addr)
-                .map(|(_, d)| d.applied)
+                .map(|(_, d)| d.applied + d.repairs)
                 .sum();
             let now_held = held(&self.nodes[to].replica, addr);
             assert_eq!(now_held - was, applied as u64, "{addr:?}");

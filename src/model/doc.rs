@@ -91,6 +91,9 @@ pub struct DocApply {
     /// Changes refused because they do not fit the document's shape (or depend on one that does
     /// not): device, sequence number and reason. They are dropped.
     pub refused: Vec<(DeviceId, u64, &'static str)>,
+    /// Local changes this replica wrote in response (removing text that an edit wrote back over
+    /// a recall of this account's message); they are this device's own, to be sent like any other.
+    pub repairs: usize,
 }
 
 /// An Automerge document plus the sync bookkeeping described in the module docs.
@@ -353,6 +356,7 @@ impl SyncedDoc {
             duplicates,
             pending: self.pending.len(),
             refused,
+            repairs: 0,
         })
     }
 

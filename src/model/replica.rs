@@ -860,6 +860,7 @@ impl Replica {
                         message::recalled_with_content(segment.doc().doc(), obj, &account)
                     })
                     .collect();
+                let mut stats = stats;
                 if !stale.is_empty() {
                     segment.doc_mut().write(|tx| {
                         for obj in &stale {
@@ -867,6 +868,7 @@ impl Replica {
                         }
                         Ok(())
                     })?;
+                    stats.repairs += 1;
                 }
                 Ok(stats)
             }

@@ -156,6 +156,9 @@ impl From<DocAddrError> for StoreError {
 /// A stored segment of a conversation: its number and recorded info, if any.
 pub type SegmentRow = (u32, Option<Vec<u8>>);
 
+/// A stored document's address, bytes of content and recorded info.
+pub type DocSize = (DocAddr, u64, Option<Vec<u8>>);
+
 /// A stored document: its address and recorded info, if any.
 type DocRow = (DocAddr, Option<Vec<u8>>);
 
@@ -394,7 +397,7 @@ impl Store {
 
     /// Bytes of content (snapshots, change chunks) stored per document that is not evicted, with
     /// its recorded info.
-    pub fn doc_sizes(&self) -> Result<Vec<(DocAddr, u64, Option<Vec<u8>>)>, StoreError> {
+    pub fn doc_sizes(&self) -> Result<Vec<DocSize>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT docs.lookup, docs.addr, docs.info,
                     coalesce(length(docs.snapshot), 0)
