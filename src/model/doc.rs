@@ -323,7 +323,10 @@ impl SyncedDoc {
             self.pending.insert(change.hash(), change);
         }
         let ready = self.take_ready()?;
-        let checked = validate::split_valid(&self.doc, ready);
+        let log = &self.log;
+        let checked = validate::split_valid(&self.doc, ready, |actor| {
+            device_of(actor).is_ok_and(|d| log.contains_key(&d))
+        });
         let ready = checked.valid;
         let mut touched = checked.touched;
         self.touched.messages.append(&mut touched.messages);

@@ -47,7 +47,14 @@ pub(crate) struct Touched {
 
 /// Splits a topologically ordered run of changes into those that may be applied and those
 /// refused.
-pub(crate) fn split_valid(doc: &Automerge, changes: Vec<Change>) -> Checked {
+///
+/// `known_actor` says whether the document holds changes of an actor: a change may name other
+/// actors only if their operations exist (Automerge 0.12 panics on an unknown one).
+pub(crate) fn split_valid(
+    doc: &Automerge,
+    changes: Vec<Change>,
+    known_actor: impl Fn(&ActorId) -> bool,
+) -> Checked {
     let mut created: Created = HashMap::new();
     let mut accepted: Accepted = HashMap::new();
     let mut bad: HashSet<ChangeHash> = HashSet::new();
@@ -62,6 +69,15 @@ pub(crate) fn split_valid(doc: &Automerge, changes: Vec<Change>) -> Checked {
         }
         // Objects this change creates count only once it is accepted.
         let mut mine: Created = HashMap::new();
+        let unknown_actor = change
+            .other_actor_ids()
+            .iter()
+            .any(|a| !known_actor(a) && !accepted.contains_key(a));
+        if unknown_actor {
+            bad.insert(change.hash());
+            refused.push((change, "names a device the document has no change from"));
+            continue;
+        }
         match check_change(doc, &change, &created, &accepted, &mut mine) {
             Ok(mut writes) => {
                 touched.messages.append(&mut writes.messages);
