@@ -110,7 +110,7 @@ fn check_change(
     accepted: &Accepted,
     created: &mut Created,
 ) -> Result<Touched, &'static str> {
-    let expanded = change.decode();
+    let expanded = decode(change).ok_or("operations do not decode")?;
     let actor = expanded.actor_id.clone();
     let start = expanded.start_op.get();
     // Objects and list insertions made by this change, by counter.
@@ -193,6 +193,14 @@ fn check_change(
         }
     }
     Ok(touched)
+}
+
+/// The operations of a change. Automerge 0.12 checks a change's checksum and columns when it
+/// parses it, but not that its operations name actors from the change's own actor table, and
+/// panics on one that does not while decoding. Decoding touches nothing but the change, so the
+/// panic is caught and the change refused. (This needs the default `panic = "unwind"`.)
+fn decode(change: &Change) -> Option<automerge::ExpandedChange> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode())).ok()
 }
 
 /// Whether the document has an operation with this id.
