@@ -412,7 +412,9 @@ fn a_disk_budget_evicts_the_oldest_segments_and_marks_them() {
     let mut r = open(&path, cfg);
     let chat = r.create_conversation(1_000, "long", &[]).unwrap();
     let mut ids = Vec::new();
-    for i in 0..80u64 {
+    // 1 + 127 writes: the budget is checked after the 64th and the 128th.
+    assert_eq!(roamsync::store::replica::DISK_CHECK_EVERY_WRITES, 64);
+    for i in 0..127u64 {
         ids.push(
             r.send(
                 2_000 + i,
@@ -431,7 +433,7 @@ fn a_disk_budget_evicts_the_oldest_segments_and_marks_them() {
         .iter()
         .filter(|(a, _, _)| matches!(a, DocAddr::Segment(..)))
         .count();
-    assert!(kept_segments <= 3, "{kept_segments} of 10 segments kept");
+    assert!(kept_segments <= 3, "{kept_segments} of 16 segments kept");
     let stored: u64 = sizes.iter().map(|(_, s, _)| s).sum();
     assert!(stored <= 6_000 + 4_000, "stored {stored} bytes");
     // The newest messages are still there; the oldest were evicted and say so.

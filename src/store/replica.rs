@@ -34,6 +34,9 @@ pub const BYTES_PER_LOADED_MESSAGE: usize = 1_024;
 pub const BYTES_PER_LOADED_SEGMENT: usize = 16 * 1024;
 /// Default memory budget for loaded segments.
 pub const DEFAULT_CACHE_BUDGET_BYTES: usize = 64 * 1024 * 1024;
+/// Writes between two checks of the disk budget: measuring the stored content is a query over
+/// every document, too much for every send.
+pub const DISK_CHECK_EVERY_WRITES: u64 = 64;
 /// Loads one operation may trigger before it is refused: enough to page across every segment of
 /// a very long conversation, small enough to stop a loop on a store that keeps failing.
 pub const MAX_LOADS_PER_OPERATION: usize = 4_096;
@@ -52,6 +55,8 @@ pub struct StoreConfig {
     /// what must stay is left (account and meta documents, each conversation's newest segment,
     /// segments in memory). Reading an evicted segment fails with [`ReplicaStoreError::Evicted`]
     /// until it is fetched again; its version vector is cleared so that a sync offers it again.
+    /// Checked every [`DISK_CHECK_EVERY_WRITES`] writes, so the content may exceed the budget by
+    /// what those writes add.
     pub disk_budget_bytes: Option<u64>,
 }
 
@@ -124,6 +129,8 @@ pub struct StoredReplica {
     /// Last use of each loaded segment.
     last_used: HashMap<(ConversationId, u32), u64>,
     tick: u64,
+    /// Writes since the disk budget was last checked.
+    writes_since_disk_check: u64,
     /// What conversation summaries depend on in the account document, as last stored.
     digest: BTreeMap<ConversationId, (Option<crate::ids::MessageKey>, u32)>,
 }
@@ -186,6 +193,7 @@ impl StoredReplica {
             config,
             last_used: HashMap::new(),
             tick: 0,
+            writes_since_disk_check: 0,
             digest,
         })
     }
@@ -362,6 +370,7 @@ impl StoredReplica {
         if unsaved.is_empty() {
             return Ok(());
         }
+        self.writes_since_disk_check += 1;
         let mut touched: BTreeSet<ConversationId> = BTreeSet::new();
         let mut infos: Vec<(DocAddr, SegmentInfo)> = Vec::new();
         for (addr, _) in &unsaved {
@@ -483,6 +492,10 @@ impl StoredReplica {
         let Some(budget) = self.config.disk_budget_bytes else {
             return Ok(());
         };
+        if self.writes_since_disk_check < DISK_CHECK_EVERY_WRITES {
+            return Ok(());
+        }
+        self.writes_since_disk_check = 0;
         let sizes = self.store.doc_sizes()?;
         let mut total: u64 = sizes.iter().map(|(_, size, _)| *size).sum();
         if total <= budget {
