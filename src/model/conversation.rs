@@ -236,14 +236,6 @@ impl Conversation {
         Ok(n)
     }
 
-    /// The number of the segment new messages go to, as far as this replica knows.
-    pub fn current_segment(&self) -> u32 {
-        let indexed = self.indexed_segments().into_iter().max();
-        let held = self.segments.keys().next_back().copied();
-        let stored = self.unloaded.keys().next_back().copied();
-        indexed.max(held).max(stored).unwrap_or(0)
-    }
-
     fn not_loaded(&self, n: u32) -> ModelError {
         ModelError::NotLoaded(DocAddr::Segment(self.id, n))
     }

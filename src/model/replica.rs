@@ -692,11 +692,6 @@ impl Replica {
             .or_else(|| c.unloaded().get(&n).copied())
     }
 
-    /// The segment new messages of a conversation go to, as far as this replica knows.
-    pub fn current_segment(&self, conversation: &ConversationId) -> Result<u32, ModelError> {
-        Ok(self.conversation(conversation)?.current_segment())
-    }
-
     /// Installs the account document loaded from storage, replacing the empty one.
     pub fn load_account(&mut self, doc: SyncedDoc) -> Result<(), ModelError> {
         if doc.addr() != DocAddr::Account(self.account) {
