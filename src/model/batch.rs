@@ -20,6 +20,7 @@ use automerge::Change;
 use crate::ids::{DocAddr, DocAddrError};
 use crate::model::doc::device_of;
 use crate::model::limits::{MAX_BATCH_BYTES, MAX_BATCH_CHANGES};
+use crate::wire::codec::{CodecError, Reader};
 
 /// The batch format this code writes and reads.
 pub const BATCH_VERSION: u8 = 1;
@@ -83,6 +84,9 @@ pub enum BatchError {
         /// The actor's length.
         len: usize,
     },
+    /// A field the shared codec refused.
+    #[error(transparent)]
+    Codec(CodecError),
     /// Bytes left after the last change.
     #[error("{0} bytes after the end of the batch")]
     TrailingBytes(usize),
@@ -161,20 +165,20 @@ impl ChangeBatch {
                 max: MAX_BATCH_BYTES,
             });
         }
-        let mut r = Reader { bytes, pos: 0 };
-        let version = r.u8()?;
+        let mut r = Reader::new(bytes);
+        let version = r.u8().map_err(|e| truncated(&r, e))?;
         if version != BATCH_VERSION {
             return Err(BatchError::UnsupportedVersion(version));
         }
-        let (addr, used) = DocAddr::decode_prefix(&bytes[r.pos..]).map_err(|e| match e {
+        let (addr, used) = DocAddr::decode_prefix(&bytes[r.position()..]).map_err(|e| match e {
             DocAddrError::UnknownKind(k) => BatchError::UnknownDocKind(k),
             _ => BatchError::Truncated {
-                offset: r.pos,
+                offset: r.position(),
                 need: 1,
             },
         })?;
-        r.pos += used;
-        let count = r.u32()? as usize;
+        r.take(used).map_err(|e| truncated(&r, e))?;
+        let count = r.u32().map_err(|e| truncated(&r, e))? as usize;
         if count > MAX_BATCH_CHANGES {
             return Err(BatchError::TooManyChanges {
                 count: count as u64,
@@ -185,14 +189,14 @@ impl ChangeBatch {
         // truncation, found before anything is allocated for it.
         if count.saturating_mul(4) > r.remaining() {
             return Err(BatchError::Truncated {
-                offset: r.pos,
+                offset: r.position(),
                 need: count * 4 - r.remaining(),
             });
         }
         let mut changes = Vec::with_capacity(count);
         for index in 0..count {
-            let len = r.u32()? as usize;
-            let raw = r.take(len)?;
+            let len = r.u32().map_err(|e| truncated(&r, e))? as usize;
+            let raw = r.take(len).map_err(|e| truncated(&r, e))?;
             let change = Change::from_bytes(raw.to_vec()).map_err(|e| BatchError::BadChange {
                 index,
                 reason: e.to_string(),
@@ -212,39 +216,13 @@ impl ChangeBatch {
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.bytes.len() - self.pos
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], BatchError> {
-        if n > self.remaining() {
-            return Err(BatchError::Truncated {
-                offset: self.pos,
-                need: n - self.remaining(),
-            });
-        }
-        let out = &self.bytes[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8, BatchError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, BatchError> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], BatchError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
+/// A truncation as the batch reports it: where the read started and how many bytes are missing.
+fn truncated(r: &Reader<'_>, e: CodecError) -> BatchError {
+    match e {
+        CodecError::Truncated { need, have } => BatchError::Truncated {
+            offset: r.position(),
+            need: need - have,
+        },
+        other => BatchError::Codec(other),
     }
 }
