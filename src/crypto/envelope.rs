@@ -193,6 +193,8 @@ pub enum EnvelopeKind {
     Changes,
     /// A snapshot of a whole document.
     Snapshot,
+    /// An ephemeral signal (typing, presence): forwarded, never stored.
+    Ephemeral,
 }
 
 impl EnvelopeKind {
@@ -200,6 +202,7 @@ impl EnvelopeKind {
         match self {
             EnvelopeKind::Changes => 0,
             EnvelopeKind::Snapshot => 1,
+            EnvelopeKind::Ephemeral => 2,
         }
     }
 
@@ -207,6 +210,7 @@ impl EnvelopeKind {
         match kind {
             0 => Ok(EnvelopeKind::Changes),
             1 => Ok(EnvelopeKind::Snapshot),
+            2 => Ok(EnvelopeKind::Ephemeral),
             kind => Err(EnvelopeError::UnknownKind { kind }),
         }
     }

@@ -7,6 +7,8 @@
 //! - [`keys`]: per-document keys in numbered epochs, wrapped to member devices; rotation on
 //!   removal.
 //! - [`envelope`]: the sealed, signed, key-committed unit the relay stores.
+//! - [`group`]: signed membership updates of a group (a conversation or an account), carrying
+//!   wrapped keys.
 //! - [`pairing`]: linking a new device with a short-lived code.
 //!
 //! Byte layouts are in `docs/PROTOCOL.md`, the threat model in `docs/SECURITY.md`.
@@ -46,6 +48,7 @@
 
 pub mod device_log;
 pub mod envelope;
+pub mod group;
 pub mod identity;
 pub mod keys;
 pub mod pairing;

@@ -1,0 +1,572 @@
+//! Groups: the unit of access control and key distribution.
+//!
+//! A group is what a relay checks access against and what a key belongs to: one per
+//! conversation (its meta document and all of its segments) and one per account (its private
+//! account document). The group's id is the [`DocId`] of that document (the meta document or the
+//! account document), so a relay sees only an opaque hash.
+//!
+//! A group changes through a chain of signed [`GroupUpdate`]s, numbered from 0:
+//! - **version 0** creates the group: its member accounts, the first key epoch wrapped to every
+//!   current device of every member, and a *label* sealed under that key which tells members
+//!   which document the group is (a relay cannot read it);
+//! - **each later version** replaces the member list and carries the keys that changed: all
+//!   epochs for the devices of an added member (a CRDT needs its whole history), or a new epoch
+//!   for the remaining devices after a removal.
+//!
+//! An update is signed by a device of an account that was a member at the previous version (for
+//! version 0: of an account in its own member list). Whether that device is current is checked
+//! by the caller against the signer account's device log; this module checks the chain.
+
+use chacha20poly1305::XChaCha20Poly1305;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+
+use crate::crypto::identity::{DeviceSecret, IdentityError, Signature, verify};
+use crate::crypto::keys::{DocKey, KeyEpoch, KeySource, KeysError, WrappedKey};
+use crate::crypto::rng::SeedRng;
+use crate::ids::{AccountId, DeviceId, DocAddr, DocId};
+use crate::wire::codec::{CodecError, Reader, Writer};
+
+/// Format version of an encoded update.
+pub const GROUP_UPDATE_VERSION: u8 = 1;
+/// Most member accounts of one group.
+pub const MAX_GROUP_MEMBERS: usize = 1024;
+/// Most wrapped keys one update carries.
+pub const MAX_UPDATE_KEYS: usize = 16 * 1024;
+/// Largest sealed label (an encoded [`DocAddr`] plus the AEAD tag, with room to spare).
+pub const MAX_LABEL_BYTES: usize = 128;
+/// Largest encoded update.
+pub const MAX_GROUP_UPDATE_BYTES: usize = 1
+    + 32
+    + 4
+    + 2
+    + MAX_GROUP_MEMBERS * 32
+    + 4
+    + MAX_UPDATE_KEYS * WrappedKey::ENCODED_LEN
+    + 4
+    + 24
+    + 2
+    + MAX_LABEL_BYTES
+    + 32
+    + 32
+    + Signature::LEN;
+
+const SIGNATURE_DOMAIN: &str = "roamsync group update v1";
+const LABEL_AAD: &[u8] = b"roamsync group label v1";
+
+/// Errors of group updates.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    /// The encoding is malformed.
+    #[error("group update: {0}")]
+    Codec(#[from] CodecError),
+    /// The format version is not supported.
+    #[error("unsupported group update version {version}")]
+    UnsupportedVersion {
+        /// The version found.
+        version: u8,
+    },
+    /// A list is longer than its limit.
+    #[error("group update has {len} {field}, at most {max} allowed")]
+    TooMany {
+        /// Which list.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The member list is empty, unsorted or repeats an account.
+    #[error("member list must be non-empty, sorted and without repeats")]
+    BadMembers,
+    /// The signature does not verify.
+    #[error("group update signature: {0}")]
+    BadSignature(IdentityError),
+    /// The update does not follow the previous one.
+    #[error("group {group:?}: expected version {expected}, found {found}")]
+    OutOfOrder {
+        /// The group.
+        group: DocId,
+        /// The version that would come next.
+        expected: u32,
+        /// The version found.
+        found: u32,
+    },
+    /// The update names another group than the chain it extends.
+    #[error("update for group {found:?} where {expected:?} was expected")]
+    WrongGroup {
+        /// The chain's group.
+        expected: DocId,
+        /// The update's group.
+        found: DocId,
+    },
+    /// The signer's account may not change the group.
+    #[error("account {account:?} is not a member of group {group:?} and may not change it")]
+    NotMember {
+        /// The group.
+        group: DocId,
+        /// The signer's account.
+        account: AccountId,
+    },
+    /// A wrapped key is for another document than the group.
+    #[error("wrapped key for {found:?} in an update of group {group:?}")]
+    ForeignKey {
+        /// The group.
+        group: DocId,
+        /// The key's document.
+        found: DocId,
+    },
+    /// A wrapped key could not be read.
+    #[error("group key: {0}")]
+    Keys(#[from] KeysError),
+    /// The label's key is missing.
+    #[error("no key for group {group:?} at epoch {epoch:?} to open its label")]
+    MissingLabelKey {
+        /// The group.
+        group: DocId,
+        /// The label's epoch.
+        epoch: KeyEpoch,
+    },
+    /// The label does not decrypt or does not name the group's document.
+    #[error("the label of group {group:?} does not open to its document")]
+    BadLabel {
+        /// The group.
+        group: DocId,
+    },
+}
+
+/// The group's document address, encrypted under one of the group's keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedLabel {
+    /// The key epoch it is sealed under.
+    pub epoch: KeyEpoch,
+    /// The AEAD nonce.
+    pub nonce: [u8; 24],
+    /// The encrypted [`DocAddr`] encoding, tag included.
+    pub ciphertext: Vec<u8>,
+}
+
+/// One signed step of a group's chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupUpdate {
+    /// The group (the `DocId` of its meta or account document).
+    pub group: DocId,
+    /// Position in the chain, from 0.
+    pub version: u32,
+    /// The member accounts after this update, sorted.
+    pub members: Vec<AccountId>,
+    /// Keys wrapped to devices that need them.
+    pub keys: Vec<WrappedKey>,
+    /// The group's document address, for members.
+    pub label: SealedLabel,
+    /// The signing device.
+    pub signer: DeviceId,
+    /// The signing device's account.
+    pub signer_account: AccountId,
+    /// Signature over everything above.
+    pub signature: Signature,
+}
+
+fn label_cipher(key: &DocKey) -> XChaCha20Poly1305 {
+    XChaCha20Poly1305::new(key.as_bytes().into())
+}
+
+fn label_aad(group: &DocId, epoch: KeyEpoch) -> Vec<u8> {
+    let mut w = Writer::with_capacity(LABEL_AAD.len() + 36);
+    w.put(LABEL_AAD).put(group.as_bytes()).u32(epoch.0);
+    w.into_bytes()
+}
+
+impl SealedLabel {
+    /// Seals `addr` under `key` (the group's key at `epoch`).
+    pub fn seal(addr: &DocAddr, epoch: KeyEpoch, key: &DocKey, rng: &mut SeedRng) -> Self {
+        let nonce = rng.array::<24>();
+        let mut plain = Vec::with_capacity(addr.encoded_len());
+        addr.encode_into(&mut plain);
+        let ciphertext = label_cipher(key)
+            .encrypt(
+                &nonce.into(),
+                Payload {
+                    msg: &plain,
+                    aad: &label_aad(&addr.doc_id(), epoch),
+                },
+            )
+            // A plaintext of a few dozen bytes is always within the cipher's limits.
+            .unwrap_or_default();
+        Self {
+            epoch,
+            nonce,
+            ciphertext,
+        }
+    }
+
+    fn open(&self, group: &DocId, keys: &impl KeySource) -> Result<DocAddr, GroupError> {
+        let key = keys
+            .doc_key(group, self.epoch)
+            .ok_or(GroupError::MissingLabelKey {
+                group: *group,
+                epoch: self.epoch,
+            })?;
+        let bad = GroupError::BadLabel { group: *group };
+        let plain = label_cipher(key)
+            .decrypt(
+                &self.nonce.into(),
+                Payload {
+                    msg: &self.ciphertext,
+                    aad: &label_aad(group, self.epoch),
+                },
+            )
+            .map_err(|_| bad.clone())?;
+        let (addr, used) = DocAddr::decode_prefix(&plain).map_err(|_| bad.clone())?;
+        let addressable = matches!(addr, DocAddr::Account(_) | DocAddr::Meta(_));
+        if used != plain.len() || addr.doc_id() != *group || !addressable {
+            return Err(bad);
+        }
+        Ok(addr)
+    }
+}
+
+impl GroupUpdate {
+    /// Builds and signs an update. `members` is sorted and deduplicated here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign(
+        signer: &DeviceSecret,
+        signer_account: AccountId,
+        group: DocId,
+        version: u32,
+        mut members: Vec<AccountId>,
+        keys: Vec<WrappedKey>,
+        label: SealedLabel,
+    ) -> Result<Self, GroupError> {
+        members.sort();
+        members.dedup();
+        let mut update = Self {
+            group,
+            version,
+            members,
+            keys,
+            label,
+            signer: signer.device_id(),
+            signer_account,
+            signature: Signature::from_bytes([0; 64]),
+        };
+        update.check_shape()?;
+        update.signature = signer.sign(SIGNATURE_DOMAIN, &update.signed_part());
+        Ok(update)
+    }
+
+    fn check_shape(&self) -> Result<(), GroupError> {
+        let too_many = |field, len, max| {
+            if len > max {
+                Err(GroupError::TooMany { field, len, max })
+            } else {
+                Ok(())
+            }
+        };
+        too_many("members", self.members.len(), MAX_GROUP_MEMBERS)?;
+        too_many("keys", self.keys.len(), MAX_UPDATE_KEYS)?;
+        too_many(
+            "label bytes",
+            self.label.ciphertext.len(),
+            MAX_LABEL_BYTES,
+        )?;
+        if self.members.is_empty() || self.members.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(GroupError::BadMembers);
+        }
+        if let Some(k) = self.keys.iter().find(|k| k.doc != self.group) {
+            return Err(GroupError::ForeignKey {
+                group: self.group,
+                found: k.doc,
+            });
+        }
+        Ok(())
+    }
+
+    fn signed_part(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(
+            128 + self.members.len() * 32 + self.keys.len() * WrappedKey::ENCODED_LEN,
+        );
+        w.u8(GROUP_UPDATE_VERSION)
+            .put(self.group.as_bytes())
+            .u32(self.version);
+        // Bounded by MAX_GROUP_MEMBERS and MAX_UPDATE_KEYS (checked in check_shape).
+        w.u16(self.members.len() as u16);
+        for m in &self.members {
+            w.put(m.as_bytes());
+        }
+        w.u32(self.keys.len() as u32);
+        for k in &self.keys {
+            w.put(&k.encode());
+        }
+        w.u32(self.label.epoch.0)
+            .put(&self.label.nonce)
+            .u16(self.label.ciphertext.len() as u16)
+            .put(&self.label.ciphertext)
+            .put(self.signer.as_bytes())
+            .put(self.signer_account.as_bytes());
+        w.into_bytes()
+    }
+
+    /// The encoding: the signed part, then the signature.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = self.signed_part();
+        bytes.extend_from_slice(self.signature.as_bytes());
+        bytes
+    }
+
+    /// Decodes [`GroupUpdate::encode`]'s output and checks its shape (not its signature).
+    pub fn decode(bytes: &[u8]) -> Result<Self, GroupError> {
+        let mut r = Reader::new(bytes);
+        let out = Self::decode_from(&mut r)?;
+        r.finish()?;
+        Ok(out)
+    }
+
+    /// Reads one update from `r`.
+    pub fn decode_from(r: &mut Reader<'_>) -> Result<Self, GroupError> {
+        let version = r.u8()?;
+        if version != GROUP_UPDATE_VERSION {
+            return Err(GroupError::UnsupportedVersion { version });
+        }
+        let group = DocId::from_bytes(r.array()?);
+        let chain_version = r.u32()?;
+        let n_members = usize::from(r.u16()?);
+        if n_members > MAX_GROUP_MEMBERS {
+            return Err(GroupError::TooMany {
+                field: "members",
+                len: n_members,
+                max: MAX_GROUP_MEMBERS,
+            });
+        }
+        let members = (0..n_members)
+            .map(|_| r.array().map(AccountId::from_bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        let n_keys = r.u32()? as usize;
+        if n_keys > MAX_UPDATE_KEYS {
+            return Err(GroupError::TooMany {
+                field: "keys",
+                len: n_keys,
+                max: MAX_UPDATE_KEYS,
+            });
+        }
+        let keys = (0..n_keys)
+            .map(|_| WrappedKey::decode_from(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let epoch = KeyEpoch(r.u32()?);
+        let nonce = r.array()?;
+        let label_len = usize::from(r.u16()?);
+        if label_len > MAX_LABEL_BYTES {
+            return Err(GroupError::TooMany {
+                field: "label bytes",
+                len: label_len,
+                max: MAX_LABEL_BYTES,
+            });
+        }
+        let ciphertext = r.take(label_len)?.to_vec();
+        let update = Self {
+            group,
+            version: chain_version,
+            members,
+            keys,
+            label: SealedLabel {
+                epoch,
+                nonce,
+                ciphertext,
+            },
+            signer: DeviceId::from_bytes(r.array()?),
+            signer_account: AccountId::from_bytes(r.array()?),
+            signature: Signature::from_bytes(r.array()?),
+        };
+        update.check_shape()?;
+        Ok(update)
+    }
+
+    /// Checks the signature.
+    pub fn verify_signature(&self) -> Result<(), GroupError> {
+        verify(
+            &self.signer,
+            SIGNATURE_DOMAIN,
+            &self.signed_part(),
+            &self.signature,
+        )
+        .map_err(GroupError::BadSignature)
+    }
+
+    /// Checks that this update may follow `prev` (None: it must create the group): same group,
+    /// next version, and a signer account that was a member before (or, at creation, is one).
+    /// The caller checks separately that `signer` is a device of `signer_account`.
+    pub fn check_follows(&self, prev: Option<&GroupUpdate>) -> Result<(), GroupError> {
+        let (expected, members) = match prev {
+            None => (0, &self.members),
+            Some(p) => {
+                if p.group != self.group {
+                    return Err(GroupError::WrongGroup {
+                        expected: p.group,
+                        found: self.group,
+                    });
+                }
+                (p.version.saturating_add(1), &p.members)
+            }
+        };
+        if self.version != expected {
+            return Err(GroupError::OutOfOrder {
+                group: self.group,
+                expected,
+                found: self.version,
+            });
+        }
+        if members.binary_search(&self.signer_account).is_err() {
+            return Err(GroupError::NotMember {
+                group: self.group,
+                account: self.signer_account,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `account` is a member after this update.
+    pub fn is_member(&self, account: &AccountId) -> bool {
+        self.members.binary_search(account).is_ok()
+    }
+
+    /// The keys wrapped to `device`.
+    pub fn keys_for<'a>(&'a self, device: &'a DeviceId) -> impl Iterator<Item = &'a WrappedKey> {
+        self.keys.iter().filter(move |k| k.recipient == *device)
+    }
+
+    /// Opens the label with `keys` (after the caller absorbed the keys addressed to it) and
+    /// returns the group's document address, checked to hash to the group id.
+    pub fn open_label(&self, keys: &impl KeySource) -> Result<DocAddr, GroupError> {
+        self.label.open(&self.group, keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::device_log::DeviceLog;
+    use crate::crypto::keys::Keyring;
+    use crate::ids::ConversationId;
+
+    struct Fixture {
+        rng: SeedRng,
+        alice: DeviceSecret,
+        alice_log: DeviceLog,
+        bob: DeviceSecret,
+        bob_log: DeviceLog,
+    }
+
+    fn fixture() -> Fixture {
+        let mut rng = SeedRng::from_seed([4; 32]);
+        let alice = DeviceSecret::generate(&mut rng);
+        let bob = DeviceSecret::generate(&mut rng);
+        let alice_log = DeviceLog::create(&alice, "a", "test").unwrap();
+        let bob_log = DeviceLog::create(&bob, "b", "test").unwrap();
+        Fixture {
+            rng,
+            alice,
+            alice_log,
+            bob,
+            bob_log,
+        }
+    }
+
+    fn create(f: &mut Fixture, keyring: &mut Keyring) -> (DocAddr, GroupUpdate) {
+        let addr = DocAddr::Meta(ConversationId::from_bytes([7; 16]));
+        let group = addr.doc_id();
+        let (epoch, wrapped) = keyring
+            .rotate(group, &[f.alice.public(), f.bob.public()], &mut f.rng)
+            .unwrap();
+        let label = SealedLabel::seal(&addr, epoch, keyring.key(&group, epoch).unwrap(), &mut f.rng);
+        let update = GroupUpdate::sign(
+            &f.alice,
+            f.alice_log.account(),
+            group,
+            0,
+            vec![f.bob_log.account(), f.alice_log.account()],
+            wrapped,
+            label,
+        )
+        .unwrap();
+        (addr, update)
+    }
+
+    #[test]
+    fn a_member_opens_keys_and_label() {
+        let mut f = fixture();
+        let mut keyring = Keyring::default();
+        let (addr, update) = create(&mut f, &mut keyring);
+        let decoded = GroupUpdate::decode(&update.encode()).unwrap();
+        assert_eq!(decoded, update);
+        decoded.verify_signature().unwrap();
+        decoded.check_follows(None).unwrap();
+        let mut bobs = Keyring::default();
+        for k in decoded.keys_for(&f.bob.device_id()) {
+            bobs.absorb(k, &f.bob).unwrap();
+        }
+        assert_eq!(decoded.open_label(&bobs).unwrap(), addr);
+        assert!(decoded.is_member(&f.bob_log.account()));
+    }
+
+    #[test]
+    fn tampering_and_wrong_chains_are_refused() {
+        let mut f = fixture();
+        let mut keyring = Keyring::default();
+        let (_, update) = create(&mut f, &mut keyring);
+        let mut forged = update.clone();
+        forged.members.pop();
+        assert!(matches!(
+            forged.verify_signature(),
+            Err(GroupError::BadSignature(_))
+        ));
+        let mut skip = update.clone();
+        skip.version = 2;
+        assert!(matches!(
+            skip.check_follows(Some(&update)),
+            Err(GroupError::OutOfOrder { expected: 1, .. })
+        ));
+        // A stranger cannot create a group it is not in, nor change one.
+        let stranger = DeviceSecret::generate(&mut f.rng);
+        let stranger_log = DeviceLog::create(&stranger, "s", "test").unwrap();
+        let next = GroupUpdate::sign(
+            &stranger,
+            stranger_log.account(),
+            update.group,
+            1,
+            vec![stranger_log.account()],
+            vec![],
+            update.label.clone(),
+        )
+        .unwrap();
+        assert!(matches!(
+            next.check_follows(Some(&update)),
+            Err(GroupError::NotMember { .. })
+        ));
+        // A label copied from another group does not open.
+        let other = DocAddr::Meta(ConversationId::from_bytes([8; 16])).doc_id();
+        let mut moved = update.clone();
+        moved.group = other;
+        moved.keys.clear();
+        assert!(matches!(
+            moved.open_label(&keyring),
+            Err(GroupError::MissingLabelKey { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut f = fixture();
+        let mut keyring = Keyring::default();
+        let (_, update) = create(&mut f, &mut keyring);
+        let bytes = update.encode();
+        for cut in 0..bytes.len() {
+            assert!(GroupUpdate::decode(&bytes[..cut]).is_err());
+        }
+        let mut bad = bytes.clone();
+        bad[0] = 9;
+        assert!(matches!(
+            GroupUpdate::decode(&bad),
+            Err(GroupError::UnsupportedVersion { version: 9 })
+        ));
+    }
+}
