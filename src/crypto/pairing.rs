@@ -76,6 +76,7 @@ pub const MAX_RESPONSE_BYTES: usize = DeviceId::LEN
 const MAC_LEN: usize = 32;
 const MAC_KDF_CONTEXT: &str = "roamsync 2026 pairing mac v1";
 const REQUEST_LABEL: &[u8] = b"roamsync pairing request";
+const RENDEZVOUS_KDF_CONTEXT: &str = "roamsync 2026 pairing rendezvous v1";
 const RESPONSE_LABEL: &[u8] = b"roamsync pairing response";
 /// Hex digits per group in the displayed code.
 const CODE_GROUP: usize = 4;
@@ -206,6 +207,12 @@ impl PairingSecret {
             return Err(PairingError::MalformedCode { digits, expected });
         }
         Ok(Self(out))
+    }
+
+    /// Where inviter and joiner meet on a relay: derived from the secret with a separate key
+    /// derivation, so it reveals nothing about the MAC key.
+    pub fn rendezvous(&self) -> [u8; 32] {
+        blake3::derive_key(RENDEZVOUS_KDF_CONTEXT, &self.0)
     }
 
     fn mac_key(&self) -> MacKey {
@@ -416,6 +423,11 @@ impl PairingInvite {
         self.expires_at_ms
     }
 
+    /// The rendezvous id a relay forwards this invite's requests by.
+    pub fn rendezvous(&self) -> [u8; 32] {
+        self.secret.rendezvous()
+    }
+
     /// Handles the joiner's request: checks it, appends the joiner to `log` (signed by
     /// `inviter`), wraps every key of `keyring` to it and returns the response to send.
     ///
@@ -503,6 +515,11 @@ pub struct PairingJoin {
 impl PairingJoin {
     /// Starts joining with the code the user entered; returns the state and the request to send.
     /// The joiner gives up at `now_ms + timeout_ms`.
+    /// The rendezvous id a relay forwards this join's request by.
+    pub fn rendezvous(&self) -> [u8; 32] {
+        self.secret.rendezvous()
+    }
+
     pub fn start(
         code: &str,
         device: &DeviceSecret,

@@ -29,6 +29,7 @@ use crate::crypto::pairing::{
 };
 use crate::ids::AccountId;
 use crate::wire::codec::{CodecError, Reader, Writer};
+use crate::wire::message::{MAX_MESSAGE_BYTES, Message, MessageError};
 
 /// Current frame format version.
 pub const FRAME_VERSION: u8 = 1;
@@ -46,10 +47,15 @@ pub const MAX_ERROR_FRAME_PAYLOAD: usize = 2 + 2 + MAX_ERROR_MESSAGE_BYTES;
 pub const MAX_PAIR_REQUEST_FRAME_PAYLOAD: usize = MAX_REQUEST_BYTES;
 /// Largest payload of a pairing-response frame.
 pub const MAX_PAIR_RESPONSE_FRAME_PAYLOAD: usize = MAX_RESPONSE_BYTES;
+/// Largest payload of a protocol-message frame.
+pub const MAX_MESSAGE_FRAME_PAYLOAD: usize = MAX_MESSAGE_BYTES;
 /// Largest frame of any type, header included.
 pub const MAX_FRAME_BYTES: usize = FRAME_HEADER_LEN
     + max(
-        max(MAX_ENVELOPE_FRAME_PAYLOAD, MAX_LOG_ENTRY_FRAME_PAYLOAD),
+        max(
+            MAX_MESSAGE_FRAME_PAYLOAD,
+            max(MAX_ENVELOPE_FRAME_PAYLOAD, MAX_LOG_ENTRY_FRAME_PAYLOAD),
+        ),
         max(
             MAX_ERROR_FRAME_PAYLOAD,
             max(
@@ -110,6 +116,9 @@ pub enum WireError {
     /// A pairing frame's payload is not a pairing message.
     #[error("pairing frame: {0}")]
     Pairing(#[from] PairingError),
+    /// A message frame's payload is not a protocol message.
+    #[error("message frame: {0}")]
+    Message(#[from] MessageError),
     /// The stream buffer would exceed its limit.
     #[error("receive buffer would hold {len} bytes, at most {max} allowed")]
     BufferFull {
@@ -180,6 +189,8 @@ pub enum FrameType {
     PairRequest = 0x04,
     /// A current device's pairing response.
     PairResponse = 0x05,
+    /// A protocol message (see [`crate::wire::message`]).
+    Message = 0x06,
 }
 
 impl FrameType {
@@ -191,6 +202,7 @@ impl FrameType {
             0x03 => Ok(FrameType::Error),
             0x04 => Ok(FrameType::PairRequest),
             0x05 => Ok(FrameType::PairResponse),
+            0x06 => Ok(FrameType::Message),
             frame_type => Err(WireError::UnknownType { frame_type }),
         }
     }
@@ -203,6 +215,7 @@ impl FrameType {
             FrameType::Error => MAX_ERROR_FRAME_PAYLOAD,
             FrameType::PairRequest => MAX_PAIR_REQUEST_FRAME_PAYLOAD,
             FrameType::PairResponse => MAX_PAIR_RESPONSE_FRAME_PAYLOAD,
+            FrameType::Message => MAX_MESSAGE_FRAME_PAYLOAD,
         }
     }
 }
@@ -231,6 +244,8 @@ pub enum Frame {
     PairRequest(PairRequest),
     /// A pairing response (MAC and log not yet checked).
     PairResponse(PairResponse),
+    /// A protocol message.
+    Message(Message),
 }
 
 impl Frame {
@@ -242,6 +257,7 @@ impl Frame {
             Frame::Error { .. } => FrameType::Error,
             Frame::PairRequest(_) => FrameType::PairRequest,
             Frame::PairResponse(_) => FrameType::PairResponse,
+            Frame::Message(_) => FrameType::Message,
         }
     }
 
@@ -269,6 +285,7 @@ impl Frame {
             }
             Frame::PairRequest(req) => req.encode(),
             Frame::PairResponse(resp) => resp.encode(),
+            Frame::Message(msg) => msg.encode(),
         };
         let mut w = Writer::with_capacity(FRAME_HEADER_LEN + payload.len());
         // Payloads are bounded by their type's limit, far below u32::MAX.
@@ -307,6 +324,7 @@ impl Frame {
             }
             FrameType::PairRequest => Ok(Frame::PairRequest(PairRequest::decode(payload)?)),
             FrameType::PairResponse => Ok(Frame::PairResponse(PairResponse::decode(payload)?)),
+            FrameType::Message => Ok(Frame::Message(Message::decode(payload)?)),
         }
     }
 }

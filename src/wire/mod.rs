@@ -1,4 +1,6 @@
-//! The wire format: a length-checked byte codec and versioned, length-prefixed frames.
+//! The wire format: a length-checked byte codec, versioned, length-prefixed frames, and the
+//! protocol messages they carry.
 
 pub mod codec;
 pub mod frame;
+pub mod message;
