@@ -513,13 +513,13 @@ pub struct PairingJoin {
 }
 
 impl PairingJoin {
-    /// Starts joining with the code the user entered; returns the state and the request to send.
-    /// The joiner gives up at `now_ms + timeout_ms`.
     /// The rendezvous id a relay forwards this join's request by.
     pub fn rendezvous(&self) -> [u8; 32] {
         self.secret.rendezvous()
     }
 
+    /// Starts joining with the code the user entered; returns the state and the request to send.
+    /// The joiner gives up at `now_ms + timeout_ms`.
     pub fn start(
         code: &str,
         device: &DeviceSecret,
