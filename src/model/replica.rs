@@ -497,6 +497,16 @@ impl Replica {
         summary.draft = self.account_doc.draft(&id);
     }
 
+    /// The segment documents a conversation's meta document lists (segment 0 is always one).
+    pub fn segment_numbers(&self, conversation: &ConversationId) -> Result<Vec<u32>, ModelError> {
+        let c = self.conversation(conversation)?;
+        let mut numbers = c.indexed_segments();
+        if !numbers.contains(&0) {
+            numbers.insert(0, 0);
+        }
+        Ok(numbers)
+    }
+
     /// Current members of a conversation.
     pub fn members(&self, conversation: &ConversationId) -> Result<Vec<AccountId>, ModelError> {
         Ok(self.conversation(conversation)?.members())

@@ -133,6 +133,8 @@ pub struct StoredReplica {
     writes_since_disk_check: u64,
     /// What conversation summaries depend on in the account document, as last stored.
     digest: BTreeMap<ConversationId, (Option<crate::ids::MessageKey>, u32)>,
+    /// Documents written since the last [`StoredReplica::take_written`].
+    written: BTreeSet<DocAddr>,
 }
 
 fn estimate(count: usize) -> usize {
@@ -195,6 +197,7 @@ impl StoredReplica {
             tick: 0,
             writes_since_disk_check: 0,
             digest,
+            written: BTreeSet::new(),
         })
     }
 
@@ -371,6 +374,7 @@ impl StoredReplica {
             return Ok(());
         }
         self.writes_since_disk_check += 1;
+        self.written.extend(unsaved.iter().map(|(addr, _)| *addr));
         let mut touched: BTreeSet<ConversationId> = BTreeSet::new();
         let mut infos: Vec<(DocAddr, SegmentInfo)> = Vec::new();
         for (addr, _) in &unsaved {
@@ -650,6 +654,22 @@ impl StoredReplica {
     }
 
     // ---- sync --------------------------------------------------------------------------
+
+    /// Documents written (by local operations or applied remote changes) since the last call:
+    /// where a sync layer looks for this device's new changes.
+    pub fn take_written(&mut self) -> BTreeSet<DocAddr> {
+        std::mem::take(&mut self.written)
+    }
+
+    /// The segment numbers a conversation's meta document lists, loading it if needed.
+    pub fn segment_numbers(&mut self, conversation: &ConversationId) -> Result<Vec<u32>> {
+        self.run(|r| r.segment_numbers(conversation))
+    }
+
+    /// Member accounts of a conversation, loading it if needed.
+    pub fn members(&mut self, conversation: &ConversationId) -> Result<Vec<AccountId>> {
+        self.run(|r| r.members(conversation))
+    }
 
     /// Every document this replica holds, stored or only in memory.
     pub fn docs(&self) -> Result<Vec<DocAddr>> {
