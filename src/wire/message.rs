@@ -257,6 +257,9 @@ pub enum Message {
         doc: DocId,
         /// The envelope's relay sequence number.
         seq: u64,
+        /// The document's previous sequence number on this relay (as in a push), so the author
+        /// can count its own envelope into its cursor; 0 for a duplicate.
+        prev: u64,
         /// Whether the relay already held it.
         duplicate: bool,
     },
@@ -515,12 +518,14 @@ impl Message {
                 req,
                 doc,
                 seq,
+                prev,
                 duplicate,
             } => {
                 w.u8(tag::ACK)
                     .u32(*req)
                     .put(doc.as_bytes())
                     .u64(*seq)
+                    .u64(*prev)
                     .u8(u8::from(*duplicate));
             }
             Message::Envelopes {
@@ -697,6 +702,7 @@ impl Message {
                 req: request_id(&mut r)?,
                 doc: DocId::from_bytes(r.array()?),
                 seq: r.u64()?,
+                prev: r.u64()?,
                 duplicate: r.u8()? != 0,
             },
             tag::ENVELOPES => {

@@ -117,6 +117,7 @@ fn build_samples() -> Vec<Message> {
             req: 7,
             doc,
             seq: 99,
+            prev: 0,
             duplicate: true,
         },
         Message::Envelopes {
