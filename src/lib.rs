@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod crypto;
+pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ids;

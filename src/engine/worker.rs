@@ -301,7 +301,13 @@ impl Worker {
             match input {
                 Input::Net(NetEvent::Message {
                     relay,
-                    msg: Message::Envelopes { req, doc, items, more },
+                    msg:
+                        Message::Envelopes {
+                            req,
+                            doc,
+                            items,
+                            more,
+                        },
                 }) => {
                     self.gather(relay, req, doc, items, more, &mut arrivals);
                 }
@@ -384,11 +390,8 @@ impl Worker {
         r.out = Some(out);
         r.session.reset();
         r.state = ConnectionState::Syncing;
-        let (account, log_len, log_head) = (
-            self.log.account(),
-            self.log.len() as u32,
-            self.log.head(),
-        );
+        let (account, log_len, log_head) =
+            (self.log.account(), self.log.len() as u32, self.log.head());
         self.request(relay, Pending::Hello, |req| Message::Hello {
             req,
             account,
@@ -511,10 +514,12 @@ impl Worker {
                 .get(&group)
                 .map_or(0, |g| g.updates.len() as u32);
             if version + 1 > have {
-                self.request(relay, Pending::FetchGroup(group), |req| Message::FetchGroup {
-                    req,
-                    group,
-                    from_version: have,
+                self.request(relay, Pending::FetchGroup(group), |req| {
+                    Message::FetchGroup {
+                        req,
+                        group,
+                        from_version: have,
+                    }
                 });
             }
         }
@@ -624,7 +629,7 @@ impl Worker {
         text: String,
         after: &mut Vec<(usize, Message)>,
     ) {
-        tracing::warn!(relay, %code, %text, ?pending, "relay refused a request");
+        tracing::warn!(relay, ?code, %text, ?pending, "relay refused a request");
         match pending {
             Some(Pending::Append { outbox }) if code == ErrorCode::REJECTED => {
                 // The relay will never take it (e.g. an equivocation): keep it locally for
@@ -853,7 +858,9 @@ impl Worker {
         let Some(account) = self.device_account.get(author) else {
             return false;
         };
-        self.groups.get(group).is_some_and(|g| g.ever_member(account))
+        self.groups
+            .get(group)
+            .is_some_and(|g| g.ever_member(account))
     }
 
     fn after_apply(&mut self, report: crate::model::ApplyReport) {
@@ -939,7 +946,11 @@ impl Worker {
         let metas: Vec<ConversationId> = written
             .iter()
             .filter_map(|a| match a {
-                DocAddr::Segment(c, n) if !self.docs.contains_key(&DocAddr::Segment(*c, *n).doc_id()) => Some(*c),
+                DocAddr::Segment(c, n)
+                    if !self.docs.contains_key(&DocAddr::Segment(*c, *n).doc_id()) =>
+                {
+                    Some(*c)
+                }
                 DocAddr::Meta(c) if !self.docs.contains_key(&a.doc_id()) => Some(*c),
                 _ => None,
             })
@@ -1002,10 +1013,7 @@ impl Worker {
                 for (_, env) in envelopes {
                     ids.push(tx.push_outbox(&env.encode())?);
                 }
-                tx.put_setting(
-                    &state::sealed_setting(&addr.doc_id()),
-                    &own.to_be_bytes(),
-                )?;
+                tx.put_setting(&state::sealed_setting(&addr.doc_id()), &own.to_be_bytes())?;
             }
             Ok(ids)
         })?;
@@ -1050,15 +1058,21 @@ impl Worker {
         entries: Vec<crate::crypto::device_log::DeviceLogEntry>,
     ) -> Result<(), EngineError> {
         if account == self.account() {
-            let before: HashSet<DeviceId> =
-                self.log.current_devices().map(|d| d.info.keys.device).collect();
+            let before: HashSet<DeviceId> = self
+                .log
+                .current_devices()
+                .map(|d| d.info.keys.device)
+                .collect();
             for e in entries {
                 self.log.append(e)?;
             }
             let log = self.log.clone();
             self.replica.store().write(|tx| tx.put_device_log(&log))?;
-            let after: HashSet<DeviceId> =
-                self.log.current_devices().map(|d| d.info.keys.device).collect();
+            let after: HashSet<DeviceId> = self
+                .log
+                .current_devices()
+                .map(|d| d.info.keys.device)
+                .collect();
             for d in after.difference(&before) {
                 self.emit(Event::DeviceLinked { device: *d });
             }
@@ -1270,10 +1284,12 @@ impl Worker {
                 .groups
                 .get(&group)
                 .map_or(0, |g| g.updates.len() as u32);
-            self.request(relay, Pending::FetchGroup(group), |req| Message::FetchGroup {
-                req,
-                group,
-                from_version,
+            self.request(relay, Pending::FetchGroup(group), |req| {
+                Message::FetchGroup {
+                    req,
+                    group,
+                    from_version,
+                }
             });
         }
         for addr in &new_docs {
@@ -1333,9 +1349,13 @@ impl Worker {
         let recipients = vec![self.secret.public()];
         let (epoch, wrapped) = self.keyring.rotate(group, &recipients, &mut self.rng)?;
         self.store_new_key(group, epoch)?;
-        let key = self.keyring.key(&group, epoch).cloned().ok_or(EngineError::Mismatch {
-            what: "a key just made",
-        })?;
+        let key = self
+            .keyring
+            .key(&group, epoch)
+            .cloned()
+            .ok_or(EngineError::Mismatch {
+                what: "a key just made",
+            })?;
         let label = SealedLabel::seal(&addr, epoch, &key, &mut self.rng);
         let update = GroupUpdate::sign(
             &self.secret,
@@ -1366,12 +1386,23 @@ impl Worker {
         let group = addr.doc_id();
         let (epoch, wrapped) = self.keyring.rotate(group, &recipients, &mut self.rng)?;
         self.store_new_key(group, epoch)?;
-        let key = self.keyring.key(&group, epoch).cloned().ok_or(EngineError::Mismatch {
-            what: "a key just made",
-        })?;
+        let key = self
+            .keyring
+            .key(&group, epoch)
+            .cloned()
+            .ok_or(EngineError::Mismatch {
+                what: "a key just made",
+            })?;
         let label = SealedLabel::seal(&addr, epoch, &key, &mut self.rng);
-        let update =
-            GroupUpdate::sign(&self.secret, self.account(), group, 0, members, wrapped, label)?;
+        let update = GroupUpdate::sign(
+            &self.secret,
+            self.account(),
+            group,
+            0,
+            members,
+            wrapped,
+            label,
+        )?;
         self.docs.insert(group, addr);
         let seg = DocAddr::Segment(c, 0);
         self.docs.insert(seg.doc_id(), seg);
@@ -1450,7 +1481,7 @@ impl Worker {
         if !latest.is_member(&account) {
             return Ok(());
         }
-        self.replica.remove_member(now_ms(), c, &account)?;
+        self.replica.remove_member(c, &account)?;
         let members: Vec<AccountId> = latest
             .members
             .iter()

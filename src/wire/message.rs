@@ -428,9 +428,7 @@ impl Message {
                     .u32(*from_seq);
             }
             Message::PostGroup { req, update } => {
-                w.u8(tag::POST_GROUP)
-                    .u32(*req)
-                    .bytes_u32(&update.encode());
+                w.u8(tag::POST_GROUP).u32(*req).bytes_u32(&update.encode());
             }
             Message::FetchGroup {
                 req,
@@ -502,10 +500,7 @@ impl Message {
                 log_head,
                 groups,
             } => {
-                w.u8(tag::HELLO_OK)
-                    .u32(*req)
-                    .u32(*log_len)
-                    .put(&log_head.0);
+                w.u8(tag::HELLO_OK).u32(*req).u32(*log_len).put(&log_head.0);
                 put_len(&mut w, groups.len());
                 for (g, v) in groups {
                     w.put(g.as_bytes()).u32(*v);

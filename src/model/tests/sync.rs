@@ -280,16 +280,26 @@ fn updates_of_existing_messages_are_reported_by_kind() {
     let m = a.send(T0 + 1, &c, &Draft::text("first")).unwrap();
     let report = sync(&a, &mut b, T0 + 2);
     assert_eq!(report.new_messages, vec![(c, m)]);
-    assert!(report.updated_messages.is_empty(), "a new message is not an update");
+    assert!(
+        report.updated_messages.is_empty(),
+        "a new message is not an update"
+    );
     a.edit(&c, &m, "first, edited").unwrap();
     a.react(&c, &m, "👍", true).unwrap();
     let report = sync(&a, &mut b, T0 + 3);
     assert!(report.new_messages.is_empty());
     assert_eq!(
         report.updated_messages,
-        vec![(c, m, MessageUpdate::Edited), (c, m, MessageUpdate::Reactions)]
+        vec![
+            (c, m, MessageUpdate::Edited),
+            (c, m, MessageUpdate::Reactions)
+        ]
     );
     a.recall(&c, &m).unwrap();
     let report = sync(&a, &mut b, T0 + 4);
-    assert!(report.updated_messages.contains(&(c, m, MessageUpdate::Recalled)));
+    assert!(
+        report
+            .updated_messages
+            .contains(&(c, m, MessageUpdate::Recalled))
+    );
 }
