@@ -321,6 +321,12 @@ pub enum EngineError {
     /// The engine was shut down.
     #[error("the engine is shut down")]
     Closed,
+    /// The store could not commit the operation: it is in memory but may be lost on restart.
+    #[error("the operation could not be stored: {text}")]
+    NotDurable {
+        /// Why.
+        text: String,
+    },
 }
 
 /// A running device.
@@ -600,17 +606,34 @@ impl Engine {
         rx.await.map_err(|_| EngineError::Closed)?
     }
 
-    /// Runs a local operation, then seals what it wrote into the outbox.
+    /// Runs a local operation; it returns once durable. Operations queued together are
+    /// committed together (one transaction, one envelope per document).
     async fn local<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut StoredReplica) -> Result<T, ReplicaStoreError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        self.call(move |w| {
-            let out = f(&mut w.replica)?;
-            w.after_local()?;
-            Ok(out)
-        })
-        .await
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Run(Box::new(move |w| {
+                w.replica.defer_writes(true);
+                let out = f(&mut w.replica);
+                w.replica.defer_writes(false);
+                match out {
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                    }
+                    Ok(v) => w.defer_reply(Box::new(move |failed| {
+                        let _ = tx.send(match failed {
+                            None => Ok(v),
+                            Some(text) => Err(EngineError::NotDurable {
+                                text: text.to_owned(),
+                            }),
+                        });
+                    })),
+                }
+            })))
+            .map_err(|_| EngineError::Closed)?;
+        rx.await.map_err(|_| EngineError::Closed)?
     }
 
     // ---- conversations and messages -----------------------------------------------------------

@@ -128,6 +128,7 @@ impl Session {
     }
 
     /// Open requests.
+    #[cfg(test)]
     pub fn open_requests(&self) -> usize {
         self.pending.len()
     }

@@ -66,6 +66,10 @@ pub(crate) enum Outgoing {
 /// A call from the app, run on the worker.
 pub(crate) type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
+/// The answer to a local operation, sent once the turn's group commit is done: `None` if it
+/// is durable, else why not.
+pub(crate) type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
+
 /// Everything the worker receives.
 pub(crate) enum Input {
     /// An app call.
@@ -126,6 +130,8 @@ pub(crate) struct Worker {
     rng: SeedRng,
     invites: HashMap<[u8; 32], PairingInvite>,
     log_waiters: Vec<LogWaiter>,
+    /// Local operations of this turn, answered after the group commit.
+    replies: Vec<Reply>,
     pub(crate) stopping: bool,
 }
 
@@ -187,6 +193,7 @@ impl Worker {
             rng,
             invites: HashMap::new(),
             log_waiters: Vec::new(),
+            replies: Vec::new(),
             stopping: false,
         };
         w.index_devices();
@@ -327,8 +334,32 @@ impl Worker {
         if !arrivals.is_empty() {
             self.apply_arrivals(arrivals);
         }
+        self.commit_turn();
         for (relay, msg) in after {
             self.send(relay, msg);
+        }
+    }
+
+    /// Queues the answer to a local operation until the turn's commit.
+    pub(crate) fn defer_reply(&mut self, reply: Reply) {
+        self.replies.push(reply);
+    }
+
+    /// Group commit of the turn's local operations: one transaction for all of them, one
+    /// envelope per document, then the answers.
+    fn commit_turn(&mut self) {
+        if self.replies.is_empty() {
+            return;
+        }
+        let failed = self.replica.flush().err().map(|e| e.to_string());
+        if failed.is_none() {
+            if let Err(e) = self.after_local() {
+                // The operations are durable; what was not sealed is sealed at the next start.
+                tracing::error!(error = %e, "sealing local changes failed");
+            }
+        }
+        for reply in std::mem::take(&mut self.replies) {
+            reply(failed.as_deref());
         }
     }
 
@@ -350,7 +381,11 @@ impl Worker {
                 }
                 self.emit_status();
             }
-            NetEvent::Datagram { relay: _, bytes } => self.on_datagram(&bytes),
+            NetEvent::Datagram { relay, bytes } => {
+                if !self.on_datagram(&bytes) {
+                    tracing::debug!(relay, len = bytes.len(), "datagram dropped");
+                }
+            }
             NetEvent::Message { relay, msg } => {
                 if let Err(e) = self.on_message(relay, msg, after) {
                     tracing::warn!(relay, error = %e, "relay message not handled");
@@ -1634,12 +1669,13 @@ impl Worker {
         Ok(())
     }
 
-    fn on_datagram(&mut self, bytes: &[u8]) {
+    /// Handles a typing signal; false if it was dropped (malformed, forged, not a member).
+    fn on_datagram(&mut self, bytes: &[u8]) -> bool {
         let Ok((group, env)) = decode_datagram(bytes) else {
-            return;
+            return false;
         };
         if env.header.kind != EnvelopeKind::Ephemeral || env.header.doc != group {
-            return;
+            return false;
         }
         let keys = GroupKeys {
             keyring: &self.keyring,
@@ -1647,33 +1683,33 @@ impl Worker {
         };
         let authorised = |author: &DeviceId, _: &DocId, _: KeyEpoch| self.may_write(author, &group);
         let Ok(opened) = env.open(&group, &keys, authorised) else {
-            return;
+            return false;
         };
         let p = &opened.plaintext;
         if p.len() != TYPING_LEN {
-            return;
+            return false;
         }
         let Ok(c) = <[u8; 16]>::try_from(&p[..16]) else {
-            return;
+            return false;
         };
         let Ok(a) = <[u8; 32]>::try_from(&p[16..48]) else {
-            return;
+            return false;
         };
         let conversation = ConversationId::from_bytes(c);
         let account = AccountId::from_bytes(a);
         // The signal must come from that account and be about this group.
         let author_account = self.device_account.get(&opened.header.author);
         if DocAddr::Meta(conversation).doc_id() != group || author_account != Some(&account) {
-            return;
+            return false;
         }
-        if account == self.account() {
-            return;
+        if account != self.account() {
+            self.emit(Event::Typing {
+                conversation,
+                account,
+                typing: p[48] != 0,
+            });
         }
-        self.emit(Event::Typing {
-            conversation,
-            account,
-            typing: p[48] != 0,
-        });
+        true
     }
 
     // ---- status ------------------------------------------------------------------------------

@@ -135,6 +135,8 @@ pub struct StoredReplica {
     digest: BTreeMap<ConversationId, (Option<crate::ids::MessageKey>, u32)>,
     /// Documents written since the last [`StoredReplica::take_written`].
     written: BTreeSet<DocAddr>,
+    /// While set, operations change memory only until [`StoredReplica::flush`].
+    deferred: bool,
 }
 
 fn estimate(count: usize) -> usize {
@@ -198,6 +200,7 @@ impl StoredReplica {
             writes_since_disk_check: 0,
             digest,
             written: BTreeSet::new(),
+            deferred: false,
         })
     }
 
@@ -358,10 +361,25 @@ impl StoredReplica {
             loads += 1;
         };
         // A refused operation changed nothing, but loads may have; storing is cheap when idle.
+        if !self.deferred {
+            self.flush()?;
+        }
+        out
+    }
+
+    /// Group commit: while `on`, operations change memory only, and nothing is durable until
+    /// [`StoredReplica::flush`], which stores everything in one transaction. A caller must not
+    /// report an operation as done before that flush returned.
+    pub fn defer_writes(&mut self, on: bool) {
+        self.deferred = on;
+    }
+
+    /// Stores everything changed in memory (one transaction), then trims the cache and the
+    /// disk to their budgets.
+    pub fn flush(&mut self) -> Result<()> {
         self.persist()?;
         self.shrink_cache()?;
-        self.shrink_disk()?;
-        out
+        self.shrink_disk()
     }
 
     // ---- persisting ----------------------------------------------------------------------
