@@ -9,5 +9,6 @@ pub mod fuzzing;
 pub mod ids;
 pub mod model;
 pub mod net;
+pub mod relay;
 pub mod store;
 pub mod wire;
