@@ -1,7 +1,10 @@
 //! Live-sync latency: two devices and a sync server on loopback, device A committing one message
 //! per change at a fixed rate, device B timing each message from A's commit to its own document.
 //!
-//! Runs samod (the Rust automerge-repo) under this workload; see `support/samod_live.rs`.
+//! Runs roamsync (see `support/roamsync_live.rs`) and samod, the Rust automerge-repo (see
+//! `support/samod_live.rs`), under the same workload in the same run, then roamsync alone at
+//! rising rates to find the highest it sustains with zero loss. `ROAMSYNC_BENCH_FULL=1` also
+//! runs 1,000 msg/s over 1 M messages of history.
 //!
 //! `cargo bench --bench live` runs 100 and 300 msg/s over a 1 k-message document and 50 msg/s over
 //! a 50 k-message document, for `LIVE_SECONDS` (default 5) seconds each.
@@ -10,6 +13,10 @@
 #[path = "support/samod_live.rs"]
 mod samod_live;
 
+#[path = "support/roamsync_live.rs"]
+mod roamsync_live;
+
+use roamsync_live::run_roamsync_live;
 use samod_live::{LiveConfig, LiveResult, run_samod_live};
 
 /// Body length of a typical chat message.
@@ -64,27 +71,57 @@ fn print_row(name: &str, cfg: &LiveConfig, r: &LiveResult) {
 
 fn main() {
     let smoke = std::env::args().any(|a| a == "--test");
-    let cases = if smoke {
-        vec![LiveConfig {
+    if smoke {
+        let cfg = LiveConfig {
             rate_per_s: 100,
             messages: 20,
             history: 10,
             body_bytes: BODY_BYTES,
-        }]
-    } else {
-        let s = seconds();
-        vec![
-            case(100, 1_000, s),
-            case(300, 1_000, s),
-            case(50, 50_000, s),
-        ]
-    };
-    print_header();
-    for cfg in &cases {
-        let result = run_samod_live(cfg);
-        print_row("samod", cfg, &result);
-        if smoke {
-            assert_eq!(result.received, result.sent, "smoke run lost messages");
+        };
+        print_header();
+        for (name, result) in [
+            ("samod", run_samod_live(&cfg)),
+            ("roamsync", run_roamsync_live(&cfg)),
+        ] {
+            print_row(name, &cfg, &result);
+            assert_eq!(result.received, result.sent, "{name}: smoke run lost messages");
         }
+        return;
     }
+    let s = seconds();
+    print_header();
+    // The same workload on both, in the same run.
+    for (rate, history) in [(100, 1_000), (300, 1_000), (50, 50_000)] {
+        let cfg = case(rate, history, s);
+        let ours = run_roamsync_live(&cfg);
+        print_row("roamsync", &cfg, &ours);
+        let theirs = run_samod_live(&cfg);
+        print_row("samod", &cfg, &theirs);
+        println!(
+            "         ratio samod/roamsync: p50 {:.0}x, p99 {:.0}x",
+            theirs.p50_us as f64 / ours.p50_us.max(1) as f64,
+            theirs.p99_us as f64 / ours.p99_us.max(1) as f64
+        );
+    }
+    // roamsync alone: the latency target at 1,000 msg/s, then rising rates until it loses
+    // messages or falls behind (p99 over one second).
+    let mut histories = vec![1_000];
+    if std::env::var("ROAMSYNC_BENCH_FULL").is_ok() {
+        histories.push(1_000_000);
+    }
+    for h in histories {
+        let cfg = case(1_000, h, s);
+        print_row("roamsync", &cfg, &run_roamsync_live(&cfg));
+    }
+    let mut best = 0;
+    for rate in [2_000, 5_000, 10_000, 15_000, 20_000, 30_000] {
+        let cfg = case(rate, 1_000, s.min(3.0));
+        let r = run_roamsync_live(&cfg);
+        print_row("roamsync", &cfg, &r);
+        if r.received < r.sent || r.p99_us > 1_000_000 {
+            break;
+        }
+        best = rate;
+    }
+    println!("roamsync highest sustained rate with zero loss: {best} msg/s");
 }
