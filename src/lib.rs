@@ -7,5 +7,6 @@ pub mod crypto;
 pub mod fuzzing;
 pub mod ids;
 pub mod model;
+pub mod relay;
 pub mod store;
 pub mod wire;
