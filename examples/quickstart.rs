@@ -1,245 +1,249 @@
-//! Three devices of two accounts chatting, going offline and converging.
+//! Two accounts with two devices each, syncing live through a relay over QUIC.
 //!
-//! Alice has a phone and a laptop, Bob has a phone. Every device keeps its replica in its own
-//! encrypted SQLite store (the embedded default storage), and every operation is durable when it
-//! returns. The devices exchange only opaque change batches, encoded to bytes as a transport would
-//! carry them; the network here is an in-memory loop until the QUIC relay lands. At the end
-//! Alice's laptop restarts and finds everything on its disk.
+//! The relay runs in this process on its embedded default storage (SQLite in a temporary
+//! folder), exactly as `relay-node` would run it. Alice creates an account on her phone and links
+//! her laptop with a code; Bob does the same with his phone and tablet. Then a message, an edit,
+//! a reaction, read state and a draft reach every device that should see them, Bob's tablet goes
+//! offline while Alice keeps writing, and catches up when it comes back.
+//!
+//! Every device keeps its replica in its own encrypted SQLite store; the relay only ever holds
+//! sealed envelopes.
 //!
 //! Run with `cargo run --example quickstart`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use roamsync::ids::{AccountId, ConversationId, DeviceId, DocAddr};
-use roamsync::model::{ChangeBatch, Draft, ListFlag, Message};
-use roamsync::store::{StorageKey, StoreConfig, StoredReplica};
+use roamsync::engine::{Engine, EngineConfig, Event};
+use roamsync::ids::ConversationId;
+use roamsync::net::PeerAddr;
+use roamsync::relay::server::{Relay, RelayConfig};
+use roamsync::store::StorageKey;
+use tokio::sync::broadcast::Receiver;
 
-fn device_path(dir: &Path, n: u8) -> PathBuf {
-    dir.join(format!("device-{n}.db"))
-}
+/// How long the demo waits for anything to arrive before it calls it a failure.
+const WAIT: Duration = Duration::from_secs(20);
 
-fn device(dir: &Path, account: AccountId, n: u8) -> StoredReplica {
-    let mut id = [n; 32];
-    id[31] = 0x5a;
+fn config(dir: &Path, name: &str, relay: &PeerAddr) -> EngineConfig {
     // A real app keeps the storage key in the OS keystore.
-    let key = StorageKey::from_bytes([n; 32]);
-    let device = DeviceId::from_bytes(id);
-    StoredReplica::open(
-        &device_path(dir, n),
-        &key,
-        account,
-        device,
-        StoreConfig::default(),
-    )
-    .expect("a store opens")
+    let key = StorageKey::from_bytes(*blake3::hash(name.as_bytes()).as_bytes());
+    EngineConfig::new(dir.join(format!("{name}.db")), key, vec![relay.clone()])
 }
 
-/// Sends `from` everything `to` may hold and lacks, as encoded batches. Account documents only
-/// travel between devices of the same account.
-fn push(from: &mut StoredReplica, to: &mut StoredReplica, now_ms: u64) -> usize {
-    let mut wire: Vec<Vec<u8>> = Vec::new();
-    for addr in from.docs().expect("store readable") {
-        if matches!(addr, DocAddr::Account(a) if a != to.replica().account()) {
-            continue;
-        }
-        let have = to.version_vector(&addr).expect("store readable");
-        if let Some(batch) = from.changes_since(&addr, &have).expect("store readable") {
-            for part in batch.split() {
-                wire.push(part.encode());
-            }
-        }
-    }
-    let bytes: usize = wire.iter().map(Vec::len).sum();
-    let batches = wire
-        .iter()
-        .map(|b| ChangeBatch::decode(b).expect("batches from a replica decode"))
-        .collect();
-    let report = to.apply(now_ms, batches).expect("store writable");
-    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
-    bytes
-}
-
-/// Every device pushes to every other one.
-fn sync_all(devices: &mut [&mut StoredReplica], now_ms: u64) -> usize {
-    let mut bytes = 0;
-    for i in 0..devices.len() {
-        for j in 0..devices.len() {
-            if i == j {
-                continue;
-            }
-            let (from, to) = if i < j {
-                let (a, b) = devices.split_at_mut(j);
-                (&mut *a[i], &mut *b[0])
-            } else {
-                let (a, b) = devices.split_at_mut(i);
-                (&mut *b[0], &mut *a[j])
-            };
-            bytes += push(from, to, now_ms);
-        }
-    }
-    bytes
-}
-
-fn describe(m: &Message, me: AccountId) -> String {
-    let who = if m.author == me { "me  " } else { "them" };
-    let body = if m.recalled {
-        "(recalled)".to_string()
-    } else {
-        m.body.clone().unwrap_or_default()
-    };
-    let mut notes = Vec::new();
-    if m.edited {
-        notes.push("edited".to_string());
-    }
-    for rx in &m.reactions {
-        notes.push(format!("{}×{}", rx.reaction, rx.accounts.len()));
-    }
-    if notes.is_empty() {
-        format!("{who}: {body}")
-    } else {
-        format!("{who}: {body} [{}]", notes.join(", "))
-    }
-}
-
-fn show(name: &str, r: &mut StoredReplica) {
-    println!("  {name}:");
-    let me = r.replica().account();
-    for c in r.conversation_list().expect("store readable") {
-        println!(
-            "    [{}] {:?}  unread {}  draft {:?}",
-            if c.pinned { "pinned" } else { "" },
-            c.title,
-            c.unread,
-            c.draft.unwrap_or_default()
-        );
-        let page = r
-            .history(&c.id, None, 50)
-            .expect("listed conversation exists");
-        for m in page.messages {
-            println!("      {}", describe(&m, me));
+/// Waits for the first event `want` accepts; panics (this is a demo) after [`WAIT`].
+async fn wait_for(events: &mut Receiver<Event>, what: &str, want: impl Fn(&Event) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.recv()).await {
+            Ok(Ok(e)) if want(&e) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("event stream ended while waiting for {what}: {e}"),
+            Err(_) => panic!("nothing arrived for {what} within {WAIT:?}"),
         }
     }
 }
 
-fn page(r: &mut StoredReplica, chat: &ConversationId) -> Vec<Message> {
-    r.history(chat, None, 50)
-        .expect("conversation exists")
-        .messages
+/// Polls until `engine` lists `conversation`.
+async fn wait_listed(engine: &Engine, conversation: &ConversationId) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let list = engine.conversation_list().await.expect("list");
+        if list.iter().any(|s| s.id == *conversation) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("conversation never arrived");
 }
 
-fn main() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let alice = AccountId::from_bytes([0xa1; 32]);
-    let bob = AccountId::from_bytes([0xb0; 32]);
-    let mut alice_phone = device(dir.path(), alice, 1);
-    let mut alice_laptop = device(dir.path(), alice, 2);
-    let mut bob_phone = device(dir.path(), bob, 3);
-    let mut now = 1_700_000_000_000u64;
+async fn link(dir: &Path, name: &str, relay: &PeerAddr, inviter: &Engine) -> Engine {
+    let code = inviter.invite_device().await.expect("invite");
+    println!("  {name}: linking with code {code}");
+    Engine::link(config(dir, name, relay), &code, name)
+        .await
+        .expect("link")
+}
 
-    println!("1. Alice creates a chat with Bob on her phone and says hello.");
+async fn until_connected(engine: &Engine) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let status = engine.sync_status().await.expect("status");
+        if status
+            .relays
+            .iter()
+            .all(|r| r.state == roamsync::engine::ConnectionState::Live)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never connected");
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let relay = Relay::start(RelayConfig::new(
+        dir.path().join("relay"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .expect("the relay starts");
+    let addr = relay.addr();
+    println!("relay listening on {addr}");
+
+    println!("accounts and devices:");
+    let alice_phone =
+        Engine::create_account(config(dir.path(), "alice-phone", &addr), "alice-phone")
+            .await
+            .expect("alice's account");
+    until_connected(&alice_phone).await;
+    let alice_laptop = link(dir.path(), "alice-laptop", &addr, &alice_phone).await;
+    let bob_phone = Engine::create_account(config(dir.path(), "bob-phone", &addr), "bob-phone")
+        .await
+        .expect("bob's account");
+    until_connected(&bob_phone).await;
+    let bob_tablet = link(dir.path(), "bob-tablet", &addr, &bob_phone).await;
+    for e in [&alice_laptop, &bob_tablet] {
+        until_connected(e).await;
+    }
+    println!(
+        "  alice {} has {} devices, bob {} has {}",
+        alice_phone.account(),
+        alice_phone.devices().await.unwrap().len(),
+        bob_phone.account(),
+        bob_phone.devices().await.unwrap().len()
+    );
+
     let chat = alice_phone
-        .create_conversation(now, "Alice & Bob", &[bob])
-        .unwrap();
+        .create_conversation("lunch", &[bob_phone.account()])
+        .await
+        .expect("a conversation");
+    for (name, e) in [
+        ("alice-laptop", &alice_laptop),
+        ("bob-phone", &bob_phone),
+        ("bob-tablet", &bob_tablet),
+    ] {
+        wait_listed(e, &chat).await;
+        println!("  {name} sees the conversation");
+    }
+
+    println!("a message, live:");
+    let mut others: Vec<(&str, &Engine, Receiver<Event>)> = [
+        ("alice-laptop", &alice_laptop),
+        ("bob-phone", &bob_phone),
+        ("bob-tablet", &bob_tablet),
+    ]
+    .into_iter()
+    .map(|(n, e)| (n, e, e.events()))
+    .collect();
+    let sent_at = Instant::now();
     let hello = alice_phone
-        .send(now + 1, &chat, &Draft::text("Hi Bob! Lunch tomorow?"))
+        .send(&chat, "noon at the usual place?")
+        .await
         .unwrap();
-    now += 10;
-    sync_all(
-        &mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone],
-        now,
-    );
-
-    println!("2. Alice fixes the typo from her laptop; Bob reacts and answers.");
-    alice_laptop
-        .edit(&chat, &hello, "Hi Bob! Lunch tomorrow?")
-        .unwrap();
-    bob_phone.react(&chat, &hello, "👍", true).unwrap();
-    let answer = Draft {
-        reply_to: Some(hello),
-        ..Draft::text("Sure, 12:30 at the usual place.")
-    };
-    let reply = bob_phone.send(now + 2, &chat, &answer).unwrap();
-    now += 10;
-    sync_all(
-        &mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone],
-        now,
-    );
-    println!(
-        "   unread on Alice's phone and laptop: {} and {}",
-        alice_phone.unread_count(&chat).unwrap(),
-        alice_laptop.unread_count(&chat).unwrap()
-    );
-
-    println!("3. Alice reads on her phone, pins the chat and starts a draft; the laptop follows.");
-    alice_phone.mark_read(&chat, &reply).unwrap();
-    alice_phone.set_flag(&chat, ListFlag::Pinned, true).unwrap();
-    alice_phone.set_draft(&chat, "Can I bring a fri").unwrap();
-    now += 10;
-    sync_all(
-        &mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone],
-        now,
-    );
-    println!(
-        "   on the laptop: unread {}, pinned {}, draft {:?}",
-        alice_laptop.unread_count(&chat).unwrap(),
-        alice_laptop.conversation_list().unwrap()[0].pinned,
-        alice_laptop.draft(&chat).unwrap_or_default()
-    );
-
-    println!("4. The laptop goes offline. Bob posts by mistake, recalls it, writes again;");
-    println!("   the laptop writes too, offline.");
-    let oops = bob_phone
-        .send(now + 1, &chat, &Draft::text("wrong chat, ignore"))
-        .unwrap();
-    bob_phone.recall(&chat, &oops).unwrap();
-    bob_phone
-        .send(now + 2, &chat, &Draft::text("See you!"))
-        .unwrap();
-    alice_laptop
-        .send(
-            now + 3,
-            &chat,
-            &Draft::text("(written offline on the laptop)"),
+    for (name, _, events) in others.iter_mut() {
+        wait_for(
+            events,
+            "the message",
+            |e| matches!(e, Event::MessageReceived { id, .. } if *id == hello),
         )
+        .await;
+        println!("  {name} got it after {:?}", sent_at.elapsed());
+    }
+
+    println!("an edit and a reaction:");
+    alice_phone
+        .edit(&chat, &hello, "noon at the usual place? (the new one)")
+        .await
         .unwrap();
-    now += 10;
-    sync_all(&mut [&mut alice_phone, &mut bob_phone], now);
+    for (name, _, events) in others.iter_mut() {
+        wait_for(
+            events,
+            "the edit",
+            |e| matches!(e, Event::MessageEdited { id, .. } if *id == hello),
+        )
+        .await;
+        println!("  {name} shows the edit");
+    }
+    let mut alice_events = alice_phone.events();
+    bob_phone.react(&chat, &hello, "👍", true).await.unwrap();
+    wait_for(&mut alice_events, "the reaction", |e| {
+        matches!(e, Event::ReactionsChanged { .. })
+    })
+    .await;
+    let msg = alice_phone.message(&chat, &hello).await.unwrap();
+    println!(
+        "  alice-phone: {:?} reactions {:?}",
+        msg.body.unwrap_or_default(),
+        msg.reactions
+    );
 
-    println!("5. The laptop comes back and everything converges.");
-    let bytes = sync_all(
-        &mut [&mut alice_phone, &mut alice_laptop, &mut bob_phone],
-        now + 10,
+    println!("read state and drafts across one account's devices:");
+    println!(
+        "  bob-tablet unread before: {}",
+        bob_tablet.unread_count(&chat).await.unwrap()
     );
-    println!("   ({bytes} bytes of change batches exchanged in the final round)\n");
+    bob_phone.mark_read(&chat, &hello).await.unwrap();
+    wait_for(&mut others[2].2, "read state", |e| {
+        matches!(e, Event::ReadStateChanged { .. })
+    })
+    .await;
+    println!(
+        "  bob-tablet unread after bob-phone read it: {}",
+        bob_tablet.unread_count(&chat).await.unwrap()
+    );
+    alice_laptop.set_draft(&chat, "see you th").await.unwrap();
+    wait_for(&mut alice_events, "the draft", |e| {
+        matches!(e, Event::ConversationListChanged)
+    })
+    .await;
+    println!(
+        "  alice-phone draft: {:?}",
+        alice_phone.draft(&chat).await.unwrap()
+    );
 
-    show("Alice's phone", &mut alice_phone);
-    show("Alice's laptop", &mut alice_laptop);
-    show("Bob's phone", &mut bob_phone);
+    println!("bob-tablet goes offline; alice keeps writing:");
+    drop(others);
+    bob_tablet.shutdown().await;
+    for text in [
+        "the new one is on 5th street",
+        "I booked a table",
+        "for three",
+    ] {
+        alice_phone.send(&chat, text).await.unwrap();
+    }
+    let bob_tablet = Engine::open(config(dir.path(), "bob-tablet", &addr))
+        .await
+        .expect("reopen");
+    let mut events = bob_tablet.events();
+    until_connected(&bob_tablet).await;
+    let deadline = Instant::now() + WAIT;
+    let page = loop {
+        let page = bob_tablet.history(&chat, None, 50).await.unwrap();
+        if page.messages.len() == 4 || Instant::now() > deadline {
+            break page;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), events.recv()).await;
+    };
+    println!("  bob-tablet, back online, reads:");
+    for m in &page.messages {
+        let who = if m.author == alice_phone.account() {
+            "alice"
+        } else {
+            "bob"
+        };
+        println!("    {who}: {}", m.body.as_deref().unwrap_or("(recalled)"));
+    }
+    assert_eq!(page.messages.len(), 4, "the tablet caught up");
+    let status = alice_phone.sync_status().await.unwrap();
+    println!("alice-phone sync status: {status:?}");
 
-    assert_eq!(
-        alice_phone.conversation_list().unwrap(),
-        alice_laptop.conversation_list().unwrap(),
-        "Alice's devices agree"
-    );
-    assert_eq!(
-        page(&mut alice_phone, &chat),
-        page(&mut bob_phone, &chat),
-        "both accounts see the same history"
-    );
-    println!("\nAll devices converged.");
-
-    println!("\n6. Alice's laptop restarts: everything is on its disk, encrypted.");
-    let before = (
-        alice_laptop.conversation_list().unwrap(),
-        page(&mut alice_laptop, &chat),
-    );
-    drop(alice_laptop);
-    let mut alice_laptop = device(dir.path(), alice, 2);
-    let after = (
-        alice_laptop.conversation_list().unwrap(),
-        page(&mut alice_laptop, &chat),
-    );
-    assert_eq!(after, before, "the reopened store holds the same state");
-    let size = std::fs::metadata(device_path(dir.path(), 2)).map_or(0, |m| m.len());
-    println!("   reopened its store ({size} bytes): same conversation list, same history.");
+    for e in [alice_phone, alice_laptop, bob_phone, bob_tablet] {
+        e.shutdown().await;
+    }
+    relay.shutdown().await;
+    println!("done");
 }

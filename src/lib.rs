@@ -3,10 +3,12 @@
 #![warn(missing_docs)]
 
 pub mod crypto;
+pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ids;
 pub mod model;
+pub mod net;
 pub mod relay;
 pub mod store;
 pub mod wire;

@@ -265,11 +265,7 @@ impl GroupUpdate {
         };
         too_many("members", self.members.len(), MAX_GROUP_MEMBERS)?;
         too_many("keys", self.keys.len(), MAX_UPDATE_KEYS)?;
-        too_many(
-            "label bytes",
-            self.label.ciphertext.len(),
-            MAX_LABEL_BYTES,
-        )?;
+        too_many("label bytes", self.label.ciphertext.len(), MAX_LABEL_BYTES)?;
         if self.members.is_empty() || self.members.windows(2).any(|w| w[0] >= w[1]) {
             return Err(GroupError::BadMembers);
         }
@@ -477,7 +473,12 @@ mod tests {
         let (epoch, wrapped) = keyring
             .rotate(group, &[f.alice.public(), f.bob.public()], &mut f.rng)
             .unwrap();
-        let label = SealedLabel::seal(&addr, epoch, keyring.key(&group, epoch).unwrap(), &mut f.rng);
+        let label = SealedLabel::seal(
+            &addr,
+            epoch,
+            keyring.key(&group, epoch).unwrap(),
+            &mut f.rng,
+        );
         let update = GroupUpdate::sign(
             &f.alice,
             f.alice_log.account(),

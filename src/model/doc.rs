@@ -96,6 +96,16 @@ pub struct DocApply {
     pub repairs: usize,
 }
 
+/// What remote changes wrote to, from [`SyncedDoc::take_touched`].
+pub(crate) struct TouchedObjects {
+    /// Message maps whose text, attachments or recall flag changed.
+    pub content: Vec<automerge::ObjId>,
+    /// Root keys written.
+    pub root_keys: Vec<String>,
+    /// Messages that existed before, and what changed in them.
+    pub updates: Vec<(automerge::ObjId, crate::model::message::MessageUpdate)>,
+}
+
 /// An Automerge document plus the sync bookkeeping described in the module docs.
 #[derive(Debug)]
 pub struct SyncedDoc {
@@ -331,6 +341,7 @@ impl SyncedDoc {
         let mut touched = checked.touched;
         self.touched.messages.append(&mut touched.messages);
         self.touched.root_keys.append(&mut touched.root_keys);
+        self.touched.updates.append(&mut touched.updates);
         let refused: Vec<(DeviceId, u64, &'static str)> = checked
             .refused
             .iter()
@@ -439,15 +450,24 @@ impl SyncedDoc {
     }
 
     /// Takes what remote changes wrote to since the last call: the message objects whose text,
-    /// attachments or recall flag changed, and the root keys written.
-    pub(crate) fn take_touched(&mut self) -> (Vec<automerge::ObjId>, Vec<String>) {
+    /// attachments or recall flag changed, the root keys written, and the updates of messages
+    /// that existed before.
+    pub(crate) fn take_touched(&mut self) -> TouchedObjects {
         let touched = std::mem::take(&mut self.touched);
-        let objects = touched
-            .messages
-            .into_iter()
-            .map(|(counter, actor)| automerge::ObjId::Id(counter, actor, usize::MAX))
-            .collect();
-        (objects, touched.root_keys)
+        let obj = |counter, actor| automerge::ObjId::Id(counter, actor, usize::MAX);
+        TouchedObjects {
+            content: touched
+                .messages
+                .into_iter()
+                .map(|(counter, actor)| obj(counter, actor))
+                .collect(),
+            root_keys: touched.root_keys,
+            updates: touched
+                .updates
+                .into_iter()
+                .map(|(counter, actor, u)| (obj(counter, actor), u))
+                .collect(),
+        }
     }
 
     /// Whether anything applied or buffered has not been taken by [`SyncedDoc::take_unsaved`].

@@ -39,6 +39,18 @@ pub(crate) const EDITED: &str = "edited";
 pub(crate) const RECALLED: &str = "recalled";
 pub(crate) const REACTION_PREFIX: &str = "rx/";
 
+/// What a remote change did to a message that existed before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MessageUpdate {
+    /// Its text or attachments changed.
+    Edited,
+    /// It was recalled.
+    Recalled,
+    /// Its reactions changed.
+    Reactions,
+}
+
 /// A file attached to a message: metadata only, the bytes travel elsewhere.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attachment {

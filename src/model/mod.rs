@@ -48,7 +48,7 @@ pub use account::ListFlag;
 pub use batch::{BatchError, ChangeBatch};
 pub use doc::{DocApply, SyncedDoc, Unsaved, VersionVector};
 pub use error::ModelError;
-pub use message::{Attachment, Draft, Message, Reaction};
+pub use message::{Attachment, Draft, Message, MessageUpdate, Reaction};
 pub use query::{ConversationSummary, Cursor, MessagePreview, Page};
 pub use replica::{ApplyReport, ModelConfig, Replica};
 pub use segment::SegmentInfo;

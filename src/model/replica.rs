@@ -16,7 +16,7 @@ use crate::model::doc::{DocApply, SyncedDoc, Unsaved, VersionVector};
 use crate::model::error::ModelError;
 use crate::model::hlc::{HlcError, HybridClock, MAX_CLOCK_SKEW_MS};
 use crate::model::limits::*;
-use crate::model::message::{self, Draft, Message, check_len, check_reaction};
+use crate::model::message::{self, Draft, Message, MessageUpdate, check_len, check_reaction};
 use crate::model::query::{
     ConversationSummary, Cursor, MessagePreview, Page, sort_conversation_list,
 };
@@ -47,6 +47,8 @@ pub struct ApplyReport {
     pub docs: Vec<(DocAddr, DocApply)>,
     /// Messages that appeared, per conversation, in conversation order.
     pub new_messages: Vec<(ConversationId, MessageId)>,
+    /// Messages that existed and were edited, recalled or reacted to, once per (message, kind).
+    pub updated_messages: Vec<(ConversationId, MessageId, MessageUpdate)>,
     /// Documents whose batch was refused, and why. Other documents were still applied.
     pub rejected: Vec<(DocAddr, ModelError)>,
     /// Messages stamped too far in the future: they are shown (every replica must show the same
@@ -495,6 +497,16 @@ impl Replica {
         summary.draft = self.account_doc.draft(&id);
     }
 
+    /// The segment documents a conversation's meta document lists (segment 0 is always one).
+    pub fn segment_numbers(&self, conversation: &ConversationId) -> Result<Vec<u32>, ModelError> {
+        let c = self.conversation(conversation)?;
+        let mut numbers = c.indexed_segments();
+        if !numbers.contains(&0) {
+            numbers.insert(0, 0);
+        }
+        Ok(numbers)
+    }
+
     /// Current members of a conversation.
     pub fn members(&self, conversation: &ConversationId) -> Result<Vec<AccountId>, ModelError> {
         Ok(self.conversation(conversation)?.members())
@@ -838,8 +850,8 @@ impl Replica {
                 if stats.applied == 0 {
                     return Ok(stats);
                 }
-                let (touched, root_keys) = segment.doc_mut().take_touched();
-                for id in segment.reindex_keys(&root_keys) {
+                let touched = segment.doc_mut().take_touched();
+                for id in segment.reindex_keys(&touched.root_keys) {
                     if let Err(e) = self.clock.observe(id.hlc, now_ms) {
                         report.clock_skew.push((id, e));
                     }
@@ -849,7 +861,16 @@ impl Replica {
                 // remove it again, so that a recalled text leaves the current state everywhere
                 // once they have seen both.
                 let account = self.account;
+                for (obj, update) in &touched.updates {
+                    if let Some(id) = message_at(segment.doc().doc(), obj) {
+                        let entry = (c, id, *update);
+                        if !report.updated_messages.contains(&entry) {
+                            report.updated_messages.push(entry);
+                        }
+                    }
+                }
                 let stale: Vec<automerge::ObjId> = touched
+                    .content
                     .into_iter()
                     .filter(|obj| {
                         message::recalled_with_content(segment.doc().doc(), obj, &account)
@@ -869,6 +890,22 @@ impl Replica {
             }
         }
     }
+}
+
+/// The id of the message stored in map `obj` at the root of a segment document.
+fn message_at(doc: &automerge::Automerge, obj: &automerge::ObjId) -> Option<MessageId> {
+    use automerge::ReadDoc;
+    let parent = doc.parents(obj).ok()?.next()?;
+    let automerge::Prop::Map(key) = parent.prop else {
+        return None;
+    };
+    let key = MessageKey::decode(&key)?;
+    let (_, device) = message::locate(doc, &key)?;
+    let id = MessageId {
+        hlc: key.hlc,
+        device,
+    };
+    (id.key() == key).then_some(id)
 }
 
 /// The error for a message a conversation does not have.

@@ -19,6 +19,8 @@ use std::collections::HashSet;
 
 use automerge::{ActorId, Automerge, Change, ChangeHash, ObjType, ReadDoc};
 
+use crate::model::message::MessageUpdate;
+
 /// Kinds of objects created by the changes of one batch.
 type Created = HashMap<(u64, ActorId), ObjType>;
 
@@ -43,6 +45,8 @@ pub(crate) struct Touched {
     pub messages: Vec<(u64, ActorId)>,
     /// Keys of the root map that are written (in a segment: message keys).
     pub root_keys: Vec<String>,
+    /// Messages that existed before the run and what the run changed in them.
+    pub updates: Vec<(u64, ActorId, MessageUpdate)>,
 }
 
 /// Splits a topologically ordered run of changes into those that may be applied and those
@@ -82,6 +86,7 @@ pub(crate) fn split_valid(
             Ok(mut writes) => {
                 touched.messages.append(&mut writes.messages);
                 touched.root_keys.append(&mut writes.root_keys);
+                touched.updates.append(&mut writes.updates);
                 created.extend(mine);
                 let start = change.start_op().get();
                 accepted
@@ -151,12 +156,25 @@ fn check_change(
                 if op.insert {
                     return Err("list position used on a map");
                 }
-                match &op.obj {
-                    ObjectId::Id(id) if matches!(key.as_str(), "body" | "recalled" | "att") => {
+                if let ObjectId::Id(id) = &op.obj {
+                    if matches!(key.as_str(), "body" | "recalled" | "att") {
                         touched.messages.push((id.0, id.1.clone()));
                     }
-                    ObjectId::Root => touched.root_keys.push(key.to_string()),
-                    ObjectId::Id(_) => {}
+                    // A map made in this run is a new message, not an update of one.
+                    let made_now = known(id, created).is_some();
+                    let update = match key.as_str() {
+                        "body" | "att" => Some(MessageUpdate::Edited),
+                        "recalled" => Some(MessageUpdate::Recalled),
+                        k if k.starts_with(crate::model::message::REACTION_PREFIX) => {
+                            Some(MessageUpdate::Reactions)
+                        }
+                        _ => None,
+                    };
+                    if let (Some(u), false) = (update, made_now) {
+                        touched.updates.push((id.0, id.1.clone(), u));
+                    }
+                } else {
+                    touched.root_keys.push(key.to_string());
                 }
             }
             ObjType::List => {

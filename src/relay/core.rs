@@ -64,9 +64,7 @@ mod interface;
 mod pairing;
 
 pub use error::RequestError;
-pub use interface::{
-    AuthRefusal, ConnId, Input, NewEnvelope, Output, PersistOp, RelayEvent, StoreOutcome,
-};
+pub use interface::{AuthRefusal, ConnId, Input, Output, PersistOp, RelayEvent, StoreOutcome};
 
 /// Counters, for monitoring.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -23,9 +23,6 @@ pub const DEFAULT_MAX_NEW_ACCOUNTS_PER_CONN: u32 = 8;
 pub const MAX_PAIRING_OFFERS_PER_CONN: usize = 4;
 /// Most envelopes one `Fetch` returns, whatever the device asks for (`limit = 0` means this).
 pub const MAX_FETCH_LIMIT: u32 = 4096;
-/// Most envelope bytes a subscription's catch-up sends for one document; past it the last
-/// `Envelopes` message of that document says `more` and the device continues with `Fetch`.
-pub const MAX_CATCH_UP_BYTES_PER_DOC: usize = 64 * 1024 * 1024;
 /// Most update bytes packed into one `GroupUpdates` answer (a larger single update is sent
 /// alone; every update fits in a message).
 pub const TARGET_UPDATES_BYTES: usize = crate::wire::message::TARGET_ENVELOPES_BYTES;

@@ -133,6 +133,10 @@ pub struct StoredReplica {
     writes_since_disk_check: u64,
     /// What conversation summaries depend on in the account document, as last stored.
     digest: BTreeMap<ConversationId, (Option<crate::ids::MessageKey>, u32)>,
+    /// Documents written since the last [`StoredReplica::take_written`].
+    written: BTreeSet<DocAddr>,
+    /// While set, operations change memory only until [`StoredReplica::flush`].
+    deferred: bool,
 }
 
 fn estimate(count: usize) -> usize {
@@ -195,6 +199,8 @@ impl StoredReplica {
             tick: 0,
             writes_since_disk_check: 0,
             digest,
+            written: BTreeSet::new(),
+            deferred: false,
         })
     }
 
@@ -355,10 +361,25 @@ impl StoredReplica {
             loads += 1;
         };
         // A refused operation changed nothing, but loads may have; storing is cheap when idle.
+        if !self.deferred {
+            self.flush()?;
+        }
+        out
+    }
+
+    /// Group commit: while `on`, operations change memory only, and nothing is durable until
+    /// [`StoredReplica::flush`], which stores everything in one transaction. A caller must not
+    /// report an operation as done before that flush returned.
+    pub fn defer_writes(&mut self, on: bool) {
+        self.deferred = on;
+    }
+
+    /// Stores everything changed in memory (one transaction), then trims the cache and the
+    /// disk to their budgets.
+    pub fn flush(&mut self) -> Result<()> {
         self.persist()?;
         self.shrink_cache()?;
-        self.shrink_disk()?;
-        out
+        self.shrink_disk()
     }
 
     // ---- persisting ----------------------------------------------------------------------
@@ -371,6 +392,7 @@ impl StoredReplica {
             return Ok(());
         }
         self.writes_since_disk_check += 1;
+        self.written.extend(unsaved.iter().map(|(addr, _)| *addr));
         let mut touched: BTreeSet<ConversationId> = BTreeSet::new();
         let mut infos: Vec<(DocAddr, SegmentInfo)> = Vec::new();
         for (addr, _) in &unsaved {
@@ -650,6 +672,22 @@ impl StoredReplica {
     }
 
     // ---- sync --------------------------------------------------------------------------
+
+    /// Documents written (by local operations or applied remote changes) since the last call:
+    /// where a sync layer looks for this device's new changes.
+    pub fn take_written(&mut self) -> BTreeSet<DocAddr> {
+        std::mem::take(&mut self.written)
+    }
+
+    /// The segment numbers a conversation's meta document lists, loading it if needed.
+    pub fn segment_numbers(&mut self, conversation: &ConversationId) -> Result<Vec<u32>> {
+        self.run(|r| r.segment_numbers(conversation))
+    }
+
+    /// Member accounts of a conversation, loading it if needed.
+    pub fn members(&mut self, conversation: &ConversationId) -> Result<Vec<AccountId>> {
+        self.run(|r| r.members(conversation))
+    }
 
     /// Every document this replica holds, stored or only in memory.
     pub fn docs(&self) -> Result<Vec<DocAddr>> {

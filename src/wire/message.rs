@@ -257,6 +257,9 @@ pub enum Message {
         doc: DocId,
         /// The envelope's relay sequence number.
         seq: u64,
+        /// The document's previous sequence number on this relay (as in a push), so the author
+        /// can count its own envelope into its cursor; 0 for a duplicate.
+        prev: u64,
         /// Whether the relay already held it.
         duplicate: bool,
     },
@@ -425,9 +428,7 @@ impl Message {
                     .u32(*from_seq);
             }
             Message::PostGroup { req, update } => {
-                w.u8(tag::POST_GROUP)
-                    .u32(*req)
-                    .bytes_u32(&update.encode());
+                w.u8(tag::POST_GROUP).u32(*req).bytes_u32(&update.encode());
             }
             Message::FetchGroup {
                 req,
@@ -499,10 +500,7 @@ impl Message {
                 log_head,
                 groups,
             } => {
-                w.u8(tag::HELLO_OK)
-                    .u32(*req)
-                    .u32(*log_len)
-                    .put(&log_head.0);
+                w.u8(tag::HELLO_OK).u32(*req).u32(*log_len).put(&log_head.0);
                 put_len(&mut w, groups.len());
                 for (g, v) in groups {
                     w.put(g.as_bytes()).u32(*v);
@@ -515,12 +513,14 @@ impl Message {
                 req,
                 doc,
                 seq,
+                prev,
                 duplicate,
             } => {
                 w.u8(tag::ACK)
                     .u32(*req)
                     .put(doc.as_bytes())
                     .u64(*seq)
+                    .u64(*prev)
                     .u8(u8::from(*duplicate));
             }
             Message::Envelopes {
@@ -697,6 +697,7 @@ impl Message {
                 req: request_id(&mut r)?,
                 doc: DocId::from_bytes(r.array()?),
                 seq: r.u64()?,
+                prev: r.u64()?,
                 duplicate: r.u8()? != 0,
             },
             tag::ENVELOPES => {

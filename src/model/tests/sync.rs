@@ -270,3 +270,36 @@ proptest::proptest! {
         let _ = VersionVector::decode(&garbage);
     }
 }
+
+#[test]
+fn updates_of_existing_messages_are_reported_by_kind() {
+    use crate::model::MessageUpdate;
+    let mut a = replica(1, 1, 16);
+    let mut b = replica(2, 2, 16);
+    let c = a.create_conversation(T0, "updates", &[account(2)]).unwrap();
+    let m = a.send(T0 + 1, &c, &Draft::text("first")).unwrap();
+    let report = sync(&a, &mut b, T0 + 2);
+    assert_eq!(report.new_messages, vec![(c, m)]);
+    assert!(
+        report.updated_messages.is_empty(),
+        "a new message is not an update"
+    );
+    a.edit(&c, &m, "first, edited").unwrap();
+    a.react(&c, &m, "👍", true).unwrap();
+    let report = sync(&a, &mut b, T0 + 3);
+    assert!(report.new_messages.is_empty());
+    assert_eq!(
+        report.updated_messages,
+        vec![
+            (c, m, MessageUpdate::Edited),
+            (c, m, MessageUpdate::Reactions)
+        ]
+    );
+    a.recall(&c, &m).unwrap();
+    let report = sync(&a, &mut b, T0 + 4);
+    assert!(
+        report
+            .updated_messages
+            .contains(&(c, m, MessageUpdate::Recalled))
+    );
+}

@@ -8,13 +8,13 @@ use crate::ids::{AccountId, DocId};
 use crate::relay::limits::{
     MAX_APPEND_BYTES_IN_FLIGHT_PER_CONN, MAX_APPENDS_IN_FLIGHT_PER_CONN, MAX_FETCH_LIMIT,
 };
+use crate::relay::store::NewEnvelope;
 use crate::wire::message::{
     MAX_DATAGRAM_BYTES, Message, StoredEnvelope, Subscription, decode_datagram,
 };
 
 use super::{
-    ConnId, DocState, NewEnvelope, Output, PendingAppend, PersistOp, RelayCore, RequestError,
-    StoreOutcome,
+    ConnId, DocState, Output, PendingAppend, PersistOp, RelayCore, RequestError, StoreOutcome,
 };
 
 impl RelayCore {
@@ -236,11 +236,11 @@ impl RelayCore {
         }
         let alive = self.conns.get(&conn).is_some_and(|c| !c.closing);
         let (answer, pushes) = match outcome {
-            StoreOutcome::Stored { seq } => (
-                Ok((seq, false)),
-                self.record_stored(conn, doc, seq, &pending.bytes),
-            ),
-            StoreOutcome::Duplicate { seq } => (Ok((seq, true)), Vec::new()),
+            StoreOutcome::Stored { seq } => {
+                let (prev, pushes) = self.record_stored(conn, doc, seq, &pending.bytes);
+                (Ok((seq, prev, false)), pushes)
+            }
+            StoreOutcome::Duplicate { seq } => (Ok((seq, 0, true)), Vec::new()),
             StoreOutcome::Conflict { existing } => (
                 Err(RequestError::Equivocation { doc, existing }),
                 Vec::new(),
@@ -249,17 +249,18 @@ impl RelayCore {
                 (Err(RequestError::StoreFailed { reason }), Vec::new())
             }
         };
-        if !matches!(answer, Ok((_, false))) {
+        if !matches!(answer, Ok((_, _, false))) {
             self.refund(&pending.account, len as u64);
         }
         if alive {
             match answer {
-                Ok((seq, duplicate)) => out.push(Output::Send {
+                Ok((seq, prev, duplicate)) => out.push(Output::Send {
                     conn,
                     msg: Message::Ack {
                         req,
                         doc,
                         seq,
+                        prev,
                         duplicate,
                     },
                 }),
@@ -269,17 +270,25 @@ impl RelayCore {
         out.extend(pushes);
     }
 
-    /// Records a newly stored envelope as the document's last and returns its push to every
-    /// other subscriber that may still read the document.
-    fn record_stored(&mut self, author: ConnId, doc: DocId, seq: u64, bytes: &[u8]) -> Vec<Output> {
+    /// Records a newly stored envelope as the document's last. Returns the sequence number
+    /// it follows and its push to every other subscriber that may still read the document.
+    fn record_stored(
+        &mut self,
+        author: ConnId,
+        doc: DocId,
+        seq: u64,
+        bytes: &[u8],
+    ) -> (u64, Vec<Output>) {
         let Some(state) = self.docs.get_mut(&doc) else {
             self.stats.unexpected_inputs += 1;
-            return Vec::new();
+            return (seq, Vec::new());
         };
         if seq <= state.last_seq {
-            // Outcomes arrive in commit order; an older one cannot be pushed with a true `prev`.
+            // Outcomes arrive in commit order, so this does not happen. If it did, the true
+            // predecessor is unknown: no push, and a `prev` past `seq` that makes the author
+            // fetch rather than count a gap in.
             self.stats.unexpected_inputs += 1;
-            return Vec::new();
+            return (state.last_seq, Vec::new());
         }
         let prev = std::mem::replace(&mut state.last_seq, seq);
         let group = state.group;
@@ -299,7 +308,7 @@ impl RelayCore {
             })
             .collect();
         self.stats.pushes += targets.len() as u64;
-        targets
+        let pushes = targets
             .into_iter()
             .map(|id| Output::Push {
                 conn: id,
@@ -314,7 +323,8 @@ impl RelayCore {
                     more: false,
                 },
             })
-            .collect()
+            .collect();
+        (prev, pushes)
     }
 
     fn refund(&mut self, account: &AccountId, bytes: u64) {

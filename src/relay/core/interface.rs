@@ -2,31 +2,13 @@
 
 use crate::crypto::envelope::EnvelopeId;
 use crate::ids::{AccountId, DeviceId, DocId};
+use crate::relay::store::NewEnvelope;
 use crate::wire::frame::ErrorCode;
 use crate::wire::message::Message;
 
 /// A connection, numbered by the shell. Numbers are never reused while the relay runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConnId(pub u64);
-
-/// An envelope to append to a document's log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewEnvelope {
-    /// The document.
-    pub doc: DocId,
-    /// The envelope's id (the hash of `bytes`): duplicates are recognised by it.
-    pub id: EnvelopeId,
-    /// The author device (the connection's device).
-    pub author: DeviceId,
-    /// The author's account, charged for the bytes.
-    pub account: AccountId,
-    /// The author's first change sequence number in the envelope.
-    pub first_seq: u64,
-    /// The author's last change sequence number in the envelope.
-    pub last_seq: u64,
-    /// The encoded envelope.
-    pub bytes: Vec<u8>,
-}
 
 /// What the store did with an [`Output::Append`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,10 +157,10 @@ pub enum Output {
         /// The envelope.
         envelope: NewEnvelope,
     },
-    /// Send what is stored after each cursor as `Envelopes { req, .. }` messages of at most
+    /// Send everything stored after each cursor as `Envelopes { req, .. }` messages of at most
     /// [`TARGET_ENVELOPES_BYTES`](crate::wire::message::TARGET_ENVELOPES_BYTES) of envelopes
-    /// (and at most [`MAX_CATCH_UP_BYTES_PER_DOC`](crate::relay::limits::MAX_CATCH_UP_BYTES_PER_DOC)
-    /// per document), then `Done { req }`.
+    /// (a larger single envelope goes alone), `more` telling whether more of that document
+    /// follow in this catch-up; then `Done { req }`.
     CatchUp {
         /// The connection.
         conn: ConnId,

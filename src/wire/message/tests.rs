@@ -32,7 +32,12 @@ fn build_samples() -> Vec<Message> {
     let addr = DocAddr::Meta(ConversationId::from_bytes([6; 16]));
     let mut ring = Keyring::default();
     let (epoch, wrapped) = ring.rotate(addr.doc_id(), &[a.public()], &mut rng).unwrap();
-    let label = SealedLabel::seal(&addr, epoch, ring.key(&addr.doc_id(), epoch).unwrap(), &mut rng);
+    let label = SealedLabel::seal(
+        &addr,
+        epoch,
+        ring.key(&addr.doc_id(), epoch).unwrap(),
+        &mut rng,
+    );
     let update =
         GroupUpdate::sign(&a, account, addr.doc_id(), 0, vec![account], wrapped, label).unwrap();
     let joiner = DeviceSecret::generate(&mut rng);
@@ -117,6 +122,7 @@ fn build_samples() -> Vec<Message> {
             req: 7,
             doc,
             seq: 99,
+            prev: 0,
             duplicate: true,
         },
         Message::Envelopes {
@@ -180,7 +186,10 @@ fn truncation_and_trailing_bytes_are_errors() {
     for msg in samples() {
         let bytes = msg.encode();
         for cut in 0..bytes.len() {
-            assert!(Message::decode(&bytes[..cut]).is_err(), "{msg:?} cut at {cut}");
+            assert!(
+                Message::decode(&bytes[..cut]).is_err(),
+                "{msg:?} cut at {cut}"
+            );
         }
         let mut long = bytes.clone();
         long.push(0);
@@ -199,7 +208,10 @@ fn request_ids_and_lists_are_checked() {
     w.u8(tag::SUBSCRIBE).u32(1).u32(u32::MAX);
     assert!(matches!(
         Message::decode(&w.into_bytes()),
-        Err(MessageError::TooMany { field: "subscriptions", .. })
+        Err(MessageError::TooMany {
+            field: "subscriptions",
+            ..
+        })
     ));
     assert!(matches!(
         Message::decode(&[0xee]),
@@ -209,7 +221,10 @@ fn request_ids_and_lists_are_checked() {
 
 #[test]
 fn datagrams_round_trip() {
-    let Message::Append { group, envelope, .. } = samples()[6].clone() else {
+    let Message::Append {
+        group, envelope, ..
+    } = samples()[6].clone()
+    else {
         panic!("sample 6 is an append");
     };
     let bytes = encode_datagram(&group, &envelope);

@@ -164,6 +164,7 @@ fn append_is_acked_and_pushed_with_prev() {
             req,
             doc,
             seq: 7,
+            prev: 0,
             duplicate: false,
         }]
     );
@@ -185,7 +186,17 @@ fn append_is_acked_and_pushed_with_prev() {
     let out = t.fx.stored(t.b, req2, doc, StoreOutcome::Stored { seq: 9 });
     assert_eq!(messages_to(&out, t.a), vec![push(9, 7, &env2.encode())]);
     assert_eq!(messages_to(&out, b2), vec![push(9, 7, &env2.encode())]);
-    assert_eq!(messages_to(&out, t.b).len(), 1);
+    // The author's ack names the predecessor too, so it counts its own envelope in.
+    assert_eq!(
+        messages_to(&out, t.b),
+        vec![Message::Ack {
+            req: req2,
+            doc,
+            seq: 9,
+            prev: 7,
+            duplicate: false,
+        }]
+    );
     assert_eq!(t.fx.core.stats().pushes, 4);
     // Fetch is answered by the shell from the store.
     let out = t.fx.msg(
@@ -263,6 +274,7 @@ fn duplicates_conflicts_and_failures_are_answered() {
                 req,
                 doc,
                 seq: 3,
+                prev: 0,
                 duplicate: true,
             },
         }]

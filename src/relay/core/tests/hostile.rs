@@ -91,6 +91,7 @@ fn relay_messages_and_stray_inputs_are_refused_without_panicking() {
             req: 3,
             doc: doc_id(1),
             seq: 1,
+            prev: 0,
             duplicate: false,
         },
         Message::HelloOk {

@@ -9,6 +9,7 @@ use crate::crypto::identity::DeviceSecret;
 use crate::crypto::keys::{DocKey, KeyEpoch};
 use crate::crypto::rng::SeedRng;
 use crate::ids::{ConversationId, DocAddr};
+use crate::relay::store::NewEnvelope;
 use crate::wire::message::Subscription;
 
 mod accounts;

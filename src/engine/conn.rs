@@ -1,0 +1,178 @@
+//! One task per relay: connect, greet through the worker, move frames both ways, and reconnect
+//! with exponential backoff and jitter when the connection ends. It holds no sync state: the
+//! worker's session does, so a reconnect resumes from stored cursors and the outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::worker::{Input, NetEvent, Outgoing};
+use crate::net::{FramedRecv, FramedSend, Identity, NetError, PeerAddr, connect};
+use crate::wire::frame::Frame;
+
+/// First delay before a reconnect.
+pub const BACKOFF_START_MS: u64 = 100;
+/// Longest delay between reconnects.
+pub const BACKOFF_MAX_MS: u64 = 10_000;
+/// How long a connection attempt may take.
+pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+/// The delay before reconnect attempt `attempt` (0-based): doubling from
+/// [`BACKOFF_START_MS`] up to [`BACKOFF_MAX_MS`], then scaled by a jitter factor in [0.5, 1.5)
+/// taken from `jitter` (a uniform u32), so devices that lost the same relay do not all come
+/// back at once.
+pub fn backoff_ms(attempt: u32, jitter: u32) -> u64 {
+    let base = BACKOFF_START_MS
+        .saturating_mul(1u64 << attempt.min(20))
+        .min(BACKOFF_MAX_MS);
+    let factor_per_mille = 500 + u64::from(jitter) * 1000 / (u64::from(u32::MAX) + 1);
+    base * factor_per_mille / 1000
+}
+
+fn jitter() -> u32 {
+    let mut b = [0u8; 4];
+    // Jitter needs no secrecy; a failure leaves it at zero (the shortest delay of the range).
+    let _ = getrandom::fill(&mut b);
+    u32::from_be_bytes(b)
+}
+
+/// Runs the connection to relay `index` until `stop` turns true.
+pub(crate) async fn run(
+    index: usize,
+    relay: PeerAddr,
+    identity: Arc<Identity>,
+    endpoint: quinn::Endpoint,
+    worker: mpsc::UnboundedSender<Input>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut attempt: u32 = 0;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let result = tokio::select! {
+            r = session(index, &relay, &identity, &endpoint, &worker, &mut attempt) => r,
+            _ = stop.changed() => return,
+        };
+        let reason = match result {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let delay = backoff_ms(attempt, jitter());
+        attempt = attempt.saturating_add(1);
+        if worker
+            .send(Input::Net(NetEvent::Disconnected {
+                relay: index,
+                reason,
+                retry_in_ms: delay,
+            }))
+            .is_err()
+        {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn session(
+    index: usize,
+    relay: &PeerAddr,
+    identity: &Identity,
+    endpoint: &quinn::Endpoint,
+    worker: &mpsc::UnboundedSender<Input>,
+    attempt: &mut u32,
+) -> Result<(), NetError> {
+    let conn = tokio::time::timeout(
+        Duration::from_millis(CONNECT_TIMEOUT_MS),
+        connect(endpoint, identity, relay),
+    )
+    .await
+    .map_err(|_| NetError::NoAddress {
+        host: format!("{} (no answer in {CONNECT_TIMEOUT_MS} ms)", relay.host),
+    })??;
+    let (send, recv) = conn.open_bi().await.map_err(NetError::Connection)?;
+    *attempt = 0;
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    if worker
+        .send(Input::Net(NetEvent::Connected {
+            relay: index,
+            out: out_tx,
+        }))
+        .is_err()
+    {
+        return Ok(());
+    }
+    let mut framed_send = FramedSend::new(send);
+    let mut framed_recv = FramedRecv::new(recv);
+    let writer_conn = conn.clone();
+    let writer = async move {
+        while let Some(out) = out_rx.recv().await {
+            match out {
+                Outgoing::Message(msg) => framed_send.send(&Frame::Message(msg)).await?,
+                // A datagram that does not fit or finds no room is dropped: typing signals
+                // are best effort.
+                Outgoing::Datagram(bytes) => {
+                    let _ = writer_conn.send_datagram(bytes.into());
+                }
+            }
+        }
+        Ok::<(), NetError>(())
+    };
+    let reader = async {
+        loop {
+            match framed_recv.recv().await? {
+                Some(Frame::Message(msg)) => {
+                    if worker
+                        .send(Input::Net(NetEvent::Message { relay: index, msg }))
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                Some(other) => {
+                    tracing::debug!(frame = ?other.frame_type(), "ignored frame from relay");
+                }
+                None => return Ok::<(), NetError>(()),
+            }
+        }
+    };
+    let datagrams = async {
+        loop {
+            let bytes = conn.read_datagram().await.map_err(NetError::Connection)?;
+            if worker
+                .send(Input::Net(NetEvent::Datagram {
+                    relay: index,
+                    bytes: bytes.to_vec(),
+                }))
+                .is_err()
+            {
+                return Ok::<(), NetError>(());
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = writer => r,
+        r = reader => r,
+        r = datagrams => r,
+    };
+    conn.close(0u32.into(), b"bye");
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters() {
+        assert_eq!(backoff_ms(0, 0), BACKOFF_START_MS / 2);
+        assert_eq!(backoff_ms(1, 0), BACKOFF_START_MS);
+        assert_eq!(backoff_ms(30, 0), BACKOFF_MAX_MS / 2);
+        assert!(backoff_ms(30, u32::MAX) < BACKOFF_MAX_MS * 3 / 2);
+        assert!(backoff_ms(3, u32::MAX / 2) > backoff_ms(3, 0));
+    }
+}

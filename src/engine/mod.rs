@@ -1,0 +1,888 @@
+//! The device engine: the async API an app embeds.
+//!
+//! An [`Engine`] owns one device's encrypted store and keeps it in sync with the account's
+//! other devices and the conversations' other members through one or more relays. Every call
+//! is durable when it returns and works offline: changes wait in the outbox until a relay
+//! acknowledges them. Incoming changes are verified, decrypted, applied in batches per document,
+//! and reported as [`Event`]s.
+//!
+//! Inside: a worker thread owns the replica, keys and sync sessions (Automerge and SQLite never
+//! run on the async executor); one task per relay moves frames and reconnects with backoff.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), roamsync::engine::EngineError> {
+//! use roamsync::engine::{Engine, EngineConfig};
+//! use roamsync::store::seal::StorageKey;
+//!
+//! let relay = "6f0d…@relay.example:4433".parse().unwrap();
+//! let config = EngineConfig::new("phone.db", StorageKey::from_bytes([7; 32]), vec![relay]);
+//! let phone = Engine::create_account(config, "phone").await?;
+//! let mut events = phone.events();
+//! let chat = phone.create_conversation("notes", &[]).await?;
+//! phone.send(&chat, "hello").await?;
+//! while let Ok(event) = events.recv().await {
+//!     println!("{event:?}");
+//! }
+//! # Ok(()) }
+//! ```
+
+mod conn;
+mod session;
+mod state;
+mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::crypto::device_log::{DeviceLog, DeviceLogError};
+use crate::crypto::envelope::EnvelopeError;
+use crate::crypto::group::GroupError;
+use crate::crypto::identity::DeviceSecret;
+use crate::crypto::keys::{Keyring, KeysError};
+use crate::crypto::pairing::{PairingError, PairingJoin};
+use crate::crypto::rng::SeedRng;
+use crate::ids::{AccountId, ConversationId, DeviceId, DocAddr, MessageId};
+use crate::model::{
+    BatchError, ConversationSummary, Cursor, Draft, ListFlag, Message, ModelError, Page,
+};
+use crate::net::{FramedRecv, FramedSend, Identity, NetError, PeerAddr};
+use crate::store::db::{Store, StoreError};
+use crate::store::replica::{ReplicaStoreError, StoreConfig, StoredReplica};
+use crate::store::seal::StorageKey;
+use crate::wire::frame::{ErrorCode, Frame};
+use crate::wire::message::Message as WireMessage;
+
+pub use conn::{BACKOFF_MAX_MS, BACKOFF_START_MS, backoff_ms};
+pub use session::FETCH_LIMIT;
+pub use worker::{INVITE_TTL_MS, MAX_INPUTS_PER_TURN};
+
+use worker::{Input, Worker};
+
+/// Events buffered per subscriber before the slowest one starts losing them (it then gets
+/// `RecvError::Lagged` and should re-read state).
+pub const EVENT_BUFFER: usize = 16 * 1024;
+/// How long linking waits for the other device.
+pub const LINK_TIMEOUT_MS: u64 = 120_000;
+
+/// The wall clock in milliseconds since the Unix epoch: the engine is the shell, the model
+/// takes time as an argument.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn os_rng() -> Result<SeedRng, EngineError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| EngineError::Randomness(e.to_string()))?;
+    Ok(SeedRng::from_seed(seed))
+}
+
+/// How to open a device.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The store file.
+    pub store_path: PathBuf,
+    /// The key sealing the store (from the OS keystore).
+    pub storage_key: StorageKey,
+    /// Relays to sync through.
+    pub relays: Vec<PeerAddr>,
+    /// This device's platform label in the device log.
+    pub platform: String,
+    /// Store tunables.
+    pub store: StoreConfig,
+    /// Local UDP address to bind (port 0: any).
+    pub bind: SocketAddr,
+}
+
+impl EngineConfig {
+    /// A configuration with default store settings.
+    pub fn new(
+        store_path: impl Into<PathBuf>,
+        storage_key: StorageKey,
+        relays: Vec<PeerAddr>,
+    ) -> Self {
+        EngineConfig {
+            store_path: store_path.into(),
+            storage_key,
+            relays,
+            platform: std::env::consts::OS.to_owned(),
+            store: StoreConfig::default(),
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+}
+
+/// A connection's state, as shown to the app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Connecting for the first time.
+    Connecting,
+    /// Connected; catching up.
+    Syncing,
+    /// Connected and caught up: pushes arrive as they happen.
+    Live,
+    /// Disconnected; the next attempt is in `retry_in_ms`.
+    Offline {
+        /// Delay before the next attempt.
+        retry_in_ms: u64,
+    },
+}
+
+/// One relay's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayStatus {
+    /// The relay's address.
+    pub relay: String,
+    /// Its connection.
+    pub state: ConnectionState,
+}
+
+/// Sync status for the app's indicator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// Each relay.
+    pub relays: Vec<RelayStatus>,
+    /// Envelopes stored here that not every relay has acknowledged yet.
+    pub pending_uploads: usize,
+}
+
+/// What the app hears about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message arrived from another device.
+    MessageReceived {
+        /// Its conversation.
+        conversation: ConversationId,
+        /// The message.
+        id: MessageId,
+    },
+    /// A message was edited on another device.
+    MessageEdited {
+        /// Its conversation.
+        conversation: ConversationId,
+        /// The message.
+        id: MessageId,
+    },
+    /// A message was recalled on another device.
+    MessageRecalled {
+        /// Its conversation.
+        conversation: ConversationId,
+        /// The message.
+        id: MessageId,
+    },
+    /// A message's reactions changed on another device.
+    ReactionsChanged {
+        /// Its conversation.
+        conversation: ConversationId,
+        /// The message.
+        id: MessageId,
+    },
+    /// The read position or unread count of a conversation may have changed.
+    ReadStateChanged {
+        /// The conversation.
+        conversation: ConversationId,
+    },
+    /// The conversation list (order, last message, flags, drafts) may have changed.
+    ConversationListChanged,
+    /// This account was added to a conversation (or this device learnt of one).
+    ConversationAdded {
+        /// The conversation.
+        conversation: ConversationId,
+    },
+    /// Another member is typing, or stopped.
+    Typing {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Who.
+        account: AccountId,
+        /// Whether they are typing.
+        typing: bool,
+    },
+    /// A device joined this account.
+    DeviceLinked {
+        /// The device.
+        device: DeviceId,
+    },
+    /// A device of this account was revoked.
+    DeviceRevoked {
+        /// The device.
+        device: DeviceId,
+    },
+    /// Connection or upload state changed.
+    Sync(SyncStatus),
+    /// A relay refused a request.
+    RelayError {
+        /// Its code.
+        code: ErrorCode,
+        /// Its text.
+        text: String,
+    },
+    /// Input from the network was refused (bad signature, not a member, malformed…); nothing
+    /// of it was applied.
+    Refused {
+        /// The document it claimed to be for.
+        doc: DocAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The store failed while applying remote changes; they will be fetched again.
+    StorageError {
+        /// What failed.
+        text: String,
+    },
+}
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The replica refused or its store failed.
+    #[error(transparent)]
+    Replica(#[from] ReplicaStoreError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The model refused the operation.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The store holds no device yet: create an account or link.
+    #[error("the store holds no device: create an account or link this device first")]
+    NotSetUp,
+    /// The store already holds a device.
+    #[error("the store already holds device {device:?} of account {account}")]
+    AlreadySetUp {
+        /// Its account.
+        account: AccountId,
+        /// Its device.
+        device: DeviceId,
+    },
+    /// No relay is connected, and the call needs one.
+    #[error("no relay is connected")]
+    Offline,
+    /// A relay refused a request.
+    #[error("relay refused: {code:?}: {text}")]
+    Relay {
+        /// Its code.
+        code: ErrorCode,
+        /// Its text.
+        text: String,
+    },
+    /// An account's device log is not available.
+    #[error("account {0} is unknown to the relay")]
+    UnknownAccount(AccountId),
+    /// A conversation is unknown here.
+    #[error("conversation {0:?} is unknown here")]
+    UnknownConversation(ConversationId),
+    /// Something that must match did not.
+    #[error("{what} does not match")]
+    Mismatch {
+        /// What.
+        what: &'static str,
+    },
+    /// Device-log error.
+    #[error(transparent)]
+    DeviceLog(#[from] DeviceLogError),
+    /// Key error.
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    /// Group error.
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    /// Envelope error.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// Batch error.
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    /// Pairing error.
+    #[error(transparent)]
+    Pairing(#[from] PairingError),
+    /// Network error.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The OS gave no randomness.
+    #[error("no randomness from the OS: {0}")]
+    Randomness(String),
+    /// The wait was too long.
+    #[error("timed out after {ms} ms waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        ms: u64,
+    },
+    /// The engine was shut down.
+    #[error("the engine is shut down")]
+    Closed,
+    /// The store could not commit the operation: it is in memory but may be lost on restart.
+    #[error("the operation could not be stored: {text}")]
+    NotDurable {
+        /// Why.
+        text: String,
+    },
+}
+
+/// A running device.
+pub struct Engine {
+    tx: mpsc::UnboundedSender<Input>,
+    events: broadcast::Sender<Event>,
+    account: AccountId,
+    device: DeviceId,
+    stop: watch::Sender<bool>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    endpoint: quinn::Endpoint,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("account", &self.account)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, EngineError>> {
+    async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|_| EngineError::Closed)?
+    }
+}
+
+impl Engine {
+    /// Creates a new account whose first device is this one, in a new store.
+    pub async fn create_account(
+        config: EngineConfig,
+        device_name: &str,
+    ) -> Result<Engine, EngineError> {
+        let name = device_name.to_owned();
+        let (worker, events) = blocking(move || {
+            let mut rng = os_rng()?;
+            let secret = DeviceSecret::generate(&mut rng);
+            let log = DeviceLog::create(&secret, &name, &config.platform)?;
+            let replica = Self::new_store(&config, &secret, &log, &Keyring::default())?;
+            let (events, _) = broadcast::channel(EVENT_BUFFER);
+            let mut worker = Worker::new(
+                replica,
+                secret,
+                log,
+                config.relays.clone(),
+                events.clone(),
+                rng,
+            )?;
+            worker.create_account_group()?;
+            Ok(((worker, config), events))
+        })
+        .await?;
+        Self::start(worker, events).await
+    }
+
+    /// Opens the device stored at `config.store_path`.
+    pub async fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        let (worker, events) = blocking(move || {
+            let store = Store::open(
+                &config.store_path,
+                &config.storage_key,
+                config.store.durability,
+            )?;
+            let secret = store.device_secret()?.ok_or(EngineError::NotSetUp)?;
+            let entries = store.device_log()?.ok_or(EngineError::NotSetUp)?;
+            drop(store);
+            let genesis = entries.first().ok_or(EngineError::NotSetUp)?;
+            let account = AccountId::from_bytes(genesis.hash().0);
+            let log = DeviceLog::verify(&account, entries)?;
+            let replica = StoredReplica::open(
+                &config.store_path,
+                &config.storage_key,
+                account,
+                secret.device_id(),
+                config.store,
+            )?;
+            let (events, _) = broadcast::channel(EVENT_BUFFER);
+            let worker = Worker::new(
+                replica,
+                secret,
+                log,
+                config.relays.clone(),
+                events.clone(),
+                os_rng()?,
+            )?;
+            Ok(((worker, config), events))
+        })
+        .await?;
+        Self::start(worker, events).await
+    }
+
+    /// Links this (new) device to an existing account: `code` is the one shown by
+    /// [`Engine::invite_device`] on a current device, which must be online on the first relay
+    /// of `config`. The account's device log and every key arrive over the relay, protected
+    /// by the code; the history then syncs like on any device.
+    pub async fn link(
+        config: EngineConfig,
+        code: &str,
+        device_name: &str,
+    ) -> Result<Engine, EngineError> {
+        let relay = config.relays.first().cloned().ok_or(EngineError::Offline)?;
+        let mut rng = os_rng()?;
+        let secret = DeviceSecret::generate(&mut rng);
+        let (mut join, request) = PairingJoin::start(
+            code,
+            &secret,
+            device_name,
+            &config.platform,
+            now_ms(),
+            LINK_TIMEOUT_MS,
+        )?;
+        let identity = Identity::from_device(&secret)?;
+        let endpoint = crate::net::client_endpoint(config.bind)?;
+        let conn = crate::net::connect(&endpoint, &identity, &relay).await?;
+        let (send, recv) = conn.open_bi().await.map_err(NetError::Connection)?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        let rendezvous = join.rendezvous();
+        send.send(&Frame::Message(WireMessage::PairJoin {
+            req: 1,
+            rendezvous,
+            request,
+        }))
+        .await?;
+        let wait = async {
+            loop {
+                match recv.recv().await? {
+                    Some(Frame::Message(WireMessage::PairAnswered { response, .. })) => {
+                        return Ok(response);
+                    }
+                    Some(Frame::Message(WireMessage::Error { code, text, .. })) => {
+                        return Err(EngineError::Relay { code, text });
+                    }
+                    Some(_) => {}
+                    None => return Err(EngineError::Offline),
+                }
+            }
+        };
+        let response = tokio::time::timeout(Duration::from_millis(LINK_TIMEOUT_MS), wait)
+            .await
+            .map_err(|_| EngineError::Timeout {
+                what: "the inviting device",
+                ms: LINK_TIMEOUT_MS,
+            })??;
+        conn.close(0u32.into(), b"linked");
+        endpoint.wait_idle().await;
+        let joined = join.handle_response(&response, now_ms(), &secret)?;
+        let (worker, events) = blocking(move || {
+            let replica = Self::new_store(&config, &secret, &joined.log, &joined.keyring)?;
+            let (events, _) = broadcast::channel(EVENT_BUFFER);
+            let worker = Worker::new(
+                replica,
+                secret,
+                joined.log,
+                config.relays.clone(),
+                events.clone(),
+                rng,
+            )?;
+            Ok(((worker, config), events))
+        })
+        .await?;
+        Self::start(worker, events).await
+    }
+
+    /// Creates the store of a new device: identity, log and keys.
+    fn new_store(
+        config: &EngineConfig,
+        secret: &DeviceSecret,
+        log: &DeviceLog,
+        keys: &Keyring,
+    ) -> Result<StoredReplica, EngineError> {
+        {
+            let store = Store::open(
+                &config.store_path,
+                &config.storage_key,
+                config.store.durability,
+            )?;
+            if let (Some(existing), Some(entries)) = (store.device_secret()?, store.device_log()?) {
+                let account = entries.first().map_or(AccountId::from_bytes([0; 32]), |g| {
+                    AccountId::from_bytes(g.hash().0)
+                });
+                return Err(EngineError::AlreadySetUp {
+                    account,
+                    device: existing.device_id(),
+                });
+            }
+        }
+        let mut replica = StoredReplica::open(
+            &config.store_path,
+            &config.storage_key,
+            log.account(),
+            secret.device_id(),
+            config.store,
+        )?;
+        replica.store().write(|tx| {
+            tx.put_device_secret(secret)?;
+            tx.put_device_log(log)?;
+            for (doc, epoch, key) in keys.iter() {
+                tx.put_doc_key(doc, epoch, key)?;
+            }
+            Ok(())
+        })?;
+        Ok(replica)
+    }
+
+    async fn start(
+        (worker, config): (Worker, EngineConfig),
+        events: broadcast::Sender<Event>,
+    ) -> Result<Engine, EngineError> {
+        let account = worker.account();
+        let device = worker.device();
+        let identity = Arc::new(Identity::from_device(&worker.secret)?);
+        let endpoint = crate::net::client_endpoint(config.bind)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = std::thread::Builder::new()
+            .name("roamsync-worker".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| EngineError::Randomness(format!("cannot start the worker thread: {e}")))?;
+        let (stop, stop_rx) = watch::channel(false);
+        let tasks = config
+            .relays
+            .iter()
+            .enumerate()
+            .map(|(i, relay)| {
+                tokio::spawn(conn::run(
+                    i,
+                    relay.clone(),
+                    identity.clone(),
+                    endpoint.clone(),
+                    tx.clone(),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
+        Ok(Engine {
+            tx,
+            events,
+            account,
+            device,
+            stop,
+            worker: Some(handle),
+            tasks,
+            endpoint,
+        })
+    }
+
+    /// This device's account.
+    pub fn account(&self) -> AccountId {
+        self.account
+    }
+
+    /// This device.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// A new subscription to events (from now on).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Worker) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Run(Box::new(move |w| {
+                let _ = tx.send(f(w));
+            })))
+            .map_err(|_| EngineError::Closed)?;
+        rx.await.map_err(|_| EngineError::Closed)?
+    }
+
+    /// Runs a local operation; it returns once durable. Operations queued together are
+    /// committed together (one transaction, one envelope per document).
+    async fn local<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut StoredReplica) -> Result<T, ReplicaStoreError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Run(Box::new(move |w| {
+                w.replica.defer_writes(true);
+                let out = f(&mut w.replica);
+                w.replica.defer_writes(false);
+                match out {
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                    }
+                    Ok(v) => w.defer_reply(Box::new(move |failed| {
+                        let _ = tx.send(match failed {
+                            None => Ok(v),
+                            Some(text) => Err(EngineError::NotDurable {
+                                text: text.to_owned(),
+                            }),
+                        });
+                    })),
+                }
+            })))
+            .map_err(|_| EngineError::Closed)?;
+        rx.await.map_err(|_| EngineError::Closed)?
+    }
+
+    // ---- conversations and messages -----------------------------------------------------------
+
+    /// Creates a conversation with `others` (other accounts; empty for notes to self). Needs a
+    /// connected relay to read the other accounts' device lists, so their devices get the key.
+    pub async fn create_conversation(
+        &self,
+        title: &str,
+        others: &[AccountId],
+    ) -> Result<ConversationId, EngineError> {
+        self.fetch_logs(others.to_vec()).await?;
+        let (title, others) = (title.to_owned(), others.to_vec());
+        self.call(move |w| w.create_conversation(&title, &others))
+            .await
+    }
+
+    /// Adds an account to a conversation; it can read the whole history.
+    pub async fn add_member(
+        &self,
+        conversation: &ConversationId,
+        account: AccountId,
+    ) -> Result<(), EngineError> {
+        self.fetch_logs(vec![account]).await?;
+        let c = *conversation;
+        self.call(move |w| w.add_member(&c, account)).await
+    }
+
+    /// Removes an account from a conversation; what is written afterwards uses a key it does
+    /// not have.
+    pub async fn remove_member(
+        &self,
+        conversation: &ConversationId,
+        account: AccountId,
+    ) -> Result<(), EngineError> {
+        let c = *conversation;
+        let members = self
+            .call(move |w| Ok(w.group_members(&DocAddr::Meta(c).doc_id())))
+            .await?
+            .unwrap_or_default();
+        self.fetch_logs(members).await?;
+        self.call(move |w| w.remove_member(&c, account)).await
+    }
+
+    async fn fetch_logs(&self, accounts: Vec<AccountId>) -> Result<(), EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.call(move |w| {
+            w.fetch_logs(accounts, tx);
+            Ok(())
+        })
+        .await?;
+        rx.await.map_err(|_| EngineError::Closed)?
+    }
+
+    /// Sends a text message; durable here when this returns, uploaded as soon as a relay is
+    /// reachable.
+    pub async fn send(
+        &self,
+        conversation: &ConversationId,
+        text: &str,
+    ) -> Result<MessageId, EngineError> {
+        let (c, draft) = (*conversation, Draft::text(text));
+        self.local(move |r| r.send(now_ms(), &c, &draft)).await
+    }
+
+    /// Sends a message with attachments or a reply.
+    pub async fn send_draft(
+        &self,
+        conversation: &ConversationId,
+        draft: Draft,
+    ) -> Result<MessageId, EngineError> {
+        let c = *conversation;
+        self.local(move |r| r.send(now_ms(), &c, &draft)).await
+    }
+
+    /// Edits one of this account's messages.
+    pub async fn edit(
+        &self,
+        conversation: &ConversationId,
+        id: &MessageId,
+        text: &str,
+    ) -> Result<(), EngineError> {
+        let (c, id, text) = (*conversation, *id, text.to_owned());
+        self.local(move |r| r.edit(&c, &id, &text)).await
+    }
+
+    /// Recalls one of this account's messages.
+    pub async fn recall(
+        &self,
+        conversation: &ConversationId,
+        id: &MessageId,
+    ) -> Result<(), EngineError> {
+        let (c, id) = (*conversation, *id);
+        self.local(move |r| r.recall(&c, &id)).await
+    }
+
+    /// Adds (`on`) or removes a reaction.
+    pub async fn react(
+        &self,
+        conversation: &ConversationId,
+        id: &MessageId,
+        reaction: &str,
+        on: bool,
+    ) -> Result<(), EngineError> {
+        let (c, id, reaction) = (*conversation, *id, reaction.to_owned());
+        self.local(move |r| r.react(&c, &id, &reaction, on)).await
+    }
+
+    /// Marks a conversation read up to a message.
+    pub async fn mark_read(
+        &self,
+        conversation: &ConversationId,
+        upto: &MessageId,
+    ) -> Result<(), EngineError> {
+        let (c, id) = (*conversation, *upto);
+        self.local(move |r| r.mark_read(&c, &id)).await
+    }
+
+    /// Sets (or clears, with "") a conversation's draft.
+    pub async fn set_draft(
+        &self,
+        conversation: &ConversationId,
+        text: &str,
+    ) -> Result<(), EngineError> {
+        let (c, text) = (*conversation, text.to_owned());
+        self.local(move |r| r.set_draft(&c, &text)).await
+    }
+
+    /// Pins, mutes or archives a conversation (or undoes it).
+    pub async fn set_flag(
+        &self,
+        conversation: &ConversationId,
+        flag: ListFlag,
+        on: bool,
+    ) -> Result<(), EngineError> {
+        let c = *conversation;
+        self.local(move |r| r.set_flag(&c, flag, on)).await
+    }
+
+    /// Hides a message on this account's devices ("delete for me").
+    pub async fn hide_message(
+        &self,
+        conversation: &ConversationId,
+        id: &MessageId,
+    ) -> Result<(), EngineError> {
+        let (c, id) = (*conversation, *id);
+        self.local(move |r| r.hide_message(&c, &id)).await
+    }
+
+    /// Tells the other members' online devices whether this account is typing (not stored).
+    pub async fn set_typing(
+        &self,
+        conversation: &ConversationId,
+        typing: bool,
+    ) -> Result<(), EngineError> {
+        let c = *conversation;
+        self.call(move |w| w.typing(&c, typing)).await
+    }
+
+    // ---- queries ---------------------------------------------------------------------------
+
+    /// The conversation list, ordered for display.
+    pub async fn conversation_list(&self) -> Result<Vec<ConversationSummary>, EngineError> {
+        self.call(|w| Ok(w.replica.conversation_list()?)).await
+    }
+
+    /// A page of history, newest first from `before`.
+    pub async fn history(
+        &self,
+        conversation: &ConversationId,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Page, EngineError> {
+        let c = *conversation;
+        self.call(move |w| Ok(w.replica.history(&c, before, limit)?))
+            .await
+    }
+
+    /// One message.
+    pub async fn message(
+        &self,
+        conversation: &ConversationId,
+        id: &MessageId,
+    ) -> Result<Message, EngineError> {
+        let (c, id) = (*conversation, *id);
+        self.call(move |w| Ok(w.replica.message(&c, &id)?)).await
+    }
+
+    /// The unread count of a conversation.
+    pub async fn unread_count(&self, conversation: &ConversationId) -> Result<u64, EngineError> {
+        let c = *conversation;
+        self.call(move |w| Ok(w.replica.unread_count(&c)?)).await
+    }
+
+    /// The draft of a conversation.
+    pub async fn draft(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<Option<String>, EngineError> {
+        let c = *conversation;
+        self.call(move |w| Ok(w.replica.draft(&c))).await
+    }
+
+    /// Connection and upload state.
+    pub async fn sync_status(&self) -> Result<SyncStatus, EngineError> {
+        self.call(|w| Ok(w.status())).await
+    }
+
+    // ---- devices -------------------------------------------------------------------------
+
+    /// Starts linking a new device: returns the code to enter on it. This device must stay
+    /// online (on the first connected relay) until the new device has joined.
+    pub async fn invite_device(&self) -> Result<String, EngineError> {
+        self.call(|w| w.invite()).await
+    }
+
+    /// Revokes a device of this account: relays refuse it at once.
+    pub async fn revoke_device(&self, device: DeviceId) -> Result<(), EngineError> {
+        self.call(move |w| w.revoke(device)).await
+    }
+
+    /// Current devices of this account.
+    pub async fn devices(&self) -> Result<Vec<DeviceId>, EngineError> {
+        self.call(|w| {
+            Ok(w.log
+                .current_devices()
+                .map(|d| d.info.keys.device)
+                .collect())
+        })
+        .await
+    }
+
+    /// Stops syncing and closes the store. Everything that returned is already durable.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        let _ = self.tx.send(Input::Shutdown);
+        if let Some(h) = self.worker.take() {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let _ = self.tx.send(Input::Shutdown);
+    }
+}

@@ -1,0 +1,281 @@
+//! One device's session with one relay, sans-IO: request ids, what each open request was for,
+//! and per-document cursors with gap detection.
+//!
+//! The relay numbers every stored envelope with a global sequence number; a device's cursor for
+//! a document is the highest number up to which it holds *every* envelope of that document.
+//! Answers to a fetch or to the catch-up after a subscription are contiguous from the cursor
+//! asked for. A push carries `prev`, the document's previous number: when `prev` is at or below
+//! the cursor the push extends it; when it is above, something was missed (a push dropped on a
+//! slow link, a race with the catch-up), and the device fetches from its cursor. An append's
+//! acknowledgement carries `prev` too, so the author counts its own envelopes in.
+
+use std::collections::HashMap;
+
+use crate::ids::{AccountId, DocId};
+
+/// Most envelopes asked for by one fetch.
+pub const FETCH_LIMIT: u32 = 4_096;
+
+/// What an open request was for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Pending {
+    /// The greeting.
+    Hello,
+    /// Device-log entries sent.
+    LogAppend,
+    /// A device log asked for.
+    FetchLog(AccountId),
+    /// A group update posted.
+    PostGroup {
+        /// The group.
+        group: DocId,
+        /// Its version.
+        version: u32,
+    },
+    /// A group's updates asked for.
+    FetchGroup(DocId),
+    /// Subscriptions (and their catch-up).
+    Subscribe(Vec<DocId>),
+    /// An outbox envelope sent.
+    Append {
+        /// Its outbox row.
+        outbox: i64,
+    },
+    /// A range of a document asked for.
+    Fetch(DocId),
+    /// A pairing offer registered.
+    PairOffer,
+    /// A pairing answer forwarded.
+    PairAnswer,
+}
+
+/// A document's cursor on one relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct DocCursor {
+    /// Every envelope up to this number is held.
+    pub seq: u64,
+    /// A fetch from `seq` is open.
+    pub fetching: bool,
+    /// A push showed envelopes past `seq` that are not held yet.
+    pub behind: bool,
+    /// The subscription's catch-up is still running.
+    pub catching_up: bool,
+}
+
+/// What to do after envelopes of a document arrived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct CursorStep {
+    /// The cursor moved here (store it once the envelopes are applied).
+    pub advanced_to: Option<u64>,
+    /// Fetch the document from this cursor.
+    pub fetch_after: Option<u64>,
+}
+
+/// The request bookkeeping and cursors of one relay connection.
+#[derive(Debug, Default)]
+pub(crate) struct Session {
+    next_req: u32,
+    pending: HashMap<u32, Pending>,
+    cursors: HashMap<DocId, DocCursor>,
+}
+
+impl Session {
+    /// A session whose cursors start at the stored ones.
+    pub fn new(cursors: impl IntoIterator<Item = (DocId, u64)>) -> Self {
+        Session {
+            next_req: 0,
+            pending: HashMap::new(),
+            cursors: cursors
+                .into_iter()
+                .map(|(doc, seq)| {
+                    (
+                        doc,
+                        DocCursor {
+                            seq,
+                            ..DocCursor::default()
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Forgets open requests (the connection ended); cursors stay.
+    pub fn reset(&mut self) {
+        self.pending.clear();
+        for c in self.cursors.values_mut() {
+            c.fetching = false;
+            c.behind = false;
+            c.catching_up = false;
+        }
+    }
+
+    /// A fresh request id for `what`.
+    pub fn request(&mut self, what: Pending) -> u32 {
+        self.next_req = self.next_req.wrapping_add(1).max(1);
+        self.pending.insert(self.next_req, what);
+        self.next_req
+    }
+
+    /// What request `req` was, if it is open; `done` closes it.
+    pub fn pending(&self, req: u32) -> Option<&Pending> {
+        self.pending.get(&req)
+    }
+
+    /// Closes request `req`.
+    pub fn finish(&mut self, req: u32) -> Option<Pending> {
+        self.pending.remove(&req)
+    }
+
+    /// Open requests.
+    #[cfg(test)]
+    pub fn open_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The cursor of `doc` (0 if none).
+    pub fn cursor(&self, doc: &DocId) -> u64 {
+        self.cursors.get(doc).map_or(0, |c| c.seq)
+    }
+
+    /// Marks `docs` as catching up after a subscription.
+    pub fn start_catch_up(&mut self, docs: &[DocId]) {
+        for d in docs {
+            self.cursors.entry(*d).or_default().catching_up = true;
+        }
+    }
+
+    /// The answer to a fetch or catch-up of `doc`: `items` (sequence numbers, in order) are
+    /// contiguous from the cursor that was asked for.
+    pub fn on_fetched(&mut self, doc: DocId, last_seq: Option<u64>, more: bool) -> CursorStep {
+        let c = self.cursors.entry(doc).or_default();
+        let mut step = CursorStep::default();
+        if let Some(last) = last_seq {
+            if last > c.seq {
+                c.seq = last;
+                step.advanced_to = Some(last);
+            }
+        }
+        if more {
+            c.fetching = true;
+            step.fetch_after = Some(c.seq);
+        } else {
+            c.fetching = false;
+        }
+        step
+    }
+
+    /// A pushed envelope of `doc`, or this device's own acknowledged one.
+    pub fn on_pushed(&mut self, doc: DocId, seq: u64, prev: u64) -> CursorStep {
+        let c = self.cursors.entry(doc).or_default();
+        let mut step = CursorStep::default();
+        if seq <= c.seq {
+            return step;
+        }
+        if prev <= c.seq {
+            c.seq = seq;
+            step.advanced_to = Some(seq);
+            return step;
+        }
+        c.behind = true;
+        if !c.fetching && !c.catching_up {
+            c.fetching = true;
+            step.fetch_after = Some(c.seq);
+        }
+        step
+    }
+
+    /// The catch-up of `docs` finished; returns the documents that need a fetch because pushes
+    /// during the catch-up showed envelopes past the cursor.
+    pub fn end_catch_up(&mut self, docs: &[DocId]) -> Vec<(DocId, u64)> {
+        let mut fetch = Vec::new();
+        for d in docs {
+            let c = self.cursors.entry(*d).or_default();
+            c.catching_up = false;
+            if c.behind && !c.fetching {
+                c.fetching = true;
+                fetch.push((*d, c.seq));
+            }
+        }
+        fetch
+    }
+
+    /// A fetch of `doc` that ended without reaching the end (more) or failed.
+    pub fn fetch_failed(&mut self, doc: &DocId) {
+        if let Some(c) = self.cursors.get_mut(doc) {
+            c.fetching = false;
+        }
+    }
+
+    /// Clears the "behind" mark once a fetch reached the end.
+    pub fn caught_up(&mut self, doc: &DocId) {
+        if let Some(c) = self.cursors.get_mut(doc) {
+            if !c.fetching {
+                c.behind = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> DocId {
+        DocId::from_bytes([1; 32])
+    }
+
+    #[test]
+    fn contiguous_pushes_advance_the_cursor() {
+        let mut s = Session::new([(doc(), 10)]);
+        assert_eq!(s.on_pushed(doc(), 12, 10).advanced_to, Some(12));
+        assert_eq!(s.on_pushed(doc(), 15, 12).advanced_to, Some(15));
+        // An old or repeated push changes nothing.
+        assert_eq!(s.on_pushed(doc(), 12, 10), CursorStep::default());
+        assert_eq!(s.cursor(&doc()), 15);
+    }
+
+    #[test]
+    fn a_gap_fetches_once_from_the_cursor() {
+        let mut s = Session::new([(doc(), 10)]);
+        let step = s.on_pushed(doc(), 20, 18);
+        assert_eq!(step.advanced_to, None);
+        assert_eq!(step.fetch_after, Some(10));
+        // A second push while the fetch is open does not fetch again.
+        assert_eq!(s.on_pushed(doc(), 22, 20).fetch_after, None);
+        let step = s.on_fetched(doc(), Some(22), false);
+        assert_eq!(step.advanced_to, Some(22));
+        assert_eq!(step.fetch_after, None);
+        s.caught_up(&doc());
+        assert_eq!(s.on_pushed(doc(), 25, 22).advanced_to, Some(25));
+    }
+
+    #[test]
+    fn pushes_during_catch_up_wait_for_its_end() {
+        let mut s = Session::new([(doc(), 0)]);
+        s.start_catch_up(&[doc()]);
+        assert_eq!(s.on_pushed(doc(), 50, 40).fetch_after, None);
+        assert_eq!(s.on_fetched(doc(), Some(30), false).advanced_to, Some(30));
+        assert_eq!(s.end_catch_up(&[doc()]), vec![(doc(), 30)]);
+        // A catch-up that covered everything needs no fetch.
+        let mut s = Session::new([(doc(), 0)]);
+        s.start_catch_up(&[doc()]);
+        s.on_fetched(doc(), Some(30), false);
+        assert!(s.end_catch_up(&[doc()]).is_empty());
+    }
+
+    #[test]
+    fn a_long_fetch_continues_and_requests_are_tracked() {
+        let mut s = Session::new([]);
+        let step = s.on_fetched(doc(), Some(100), true);
+        assert_eq!(step.fetch_after, Some(100));
+        let req = s.request(Pending::Fetch(doc()));
+        assert_eq!(s.pending(req), Some(&Pending::Fetch(doc())));
+        assert_eq!(s.finish(req), Some(Pending::Fetch(doc())));
+        assert_eq!(s.open_requests(), 0);
+        let r1 = s.request(Pending::Hello);
+        s.reset();
+        assert_eq!(s.pending(r1), None);
+        assert_eq!(s.cursor(&doc()), 100, "cursors survive a reconnect");
+    }
+}

@@ -1,0 +1,271 @@
+//! End to end on loopback: device engines and a real relay over QUIC.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use roamsync::engine::{ConnectionState, Engine, Event};
+use roamsync::net::PeerAddr;
+use roamsync::relay::server::{Relay, RelayConfig};
+use support::*;
+
+async fn relay(dir: &std::path::Path) -> Relay {
+    Relay::start(RelayConfig::new(
+        dir.join("relay"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .expect("relay starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_delivery_reaches_every_device_of_both_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let a1 = account(dir.path(), "a1", &addr).await;
+    let a2 = linked(dir.path(), "a2", &addr, &a1).await;
+    let b1 = account(dir.path(), "b1", &addr).await;
+    let b2 = linked(dir.path(), "b2", &addr, &b1).await;
+    let chat = a1
+        .create_conversation("chat", &[b1.account()])
+        .await
+        .unwrap();
+    for e in [&a2, &b1, &b2] {
+        until_listed(e, &chat).await;
+    }
+    let mut evs: Vec<_> = [&a2, &b1, &b2].iter().map(|e| e.events()).collect();
+    let m = a1.send(&chat, "hello all").await.unwrap();
+    for ev in evs.iter_mut() {
+        wait_for(
+            ev,
+            "message",
+            |e| matches!(e, Event::MessageReceived { id, .. } if *id == m),
+        )
+        .await;
+    }
+    // Both ways, and an edit, a recall and a reaction.
+    let mut a_evs = a1.events();
+    let r = b2.send(&chat, "hi from the tablet").await.unwrap();
+    wait_for(
+        &mut a_evs,
+        "reply",
+        |e| matches!(e, Event::MessageReceived { id, .. } if *id == r),
+    )
+    .await;
+    b2.react(&chat, &m, "🎉", true).await.unwrap();
+    wait_for(
+        &mut a_evs,
+        "reaction",
+        |e| matches!(e, Event::ReactionsChanged { id, .. } if *id == m),
+    )
+    .await;
+    a2.edit(&chat, &m, "hello everyone").await.unwrap();
+    wait_for(
+        &mut evs[1],
+        "edit",
+        |e| matches!(e, Event::MessageEdited { id, .. } if *id == m),
+    )
+    .await;
+    a1.recall(&chat, &m).await.unwrap();
+    wait_for(
+        &mut evs[2],
+        "recall",
+        |e| matches!(e, Event::MessageRecalled { id, .. } if *id == m),
+    )
+    .await;
+    let seen = b2.message(&chat, &m).await.unwrap();
+    assert!(seen.recalled && seen.body.is_none());
+    // Typing is forwarded, not stored.
+    a1.set_typing(&chat, true).await.unwrap();
+    wait_for(&mut evs[1], "typing", |e| {
+        matches!(e, Event::Typing { typing: true, .. })
+    })
+    .await;
+    // Every device shows the same history.
+    let want = until_history(&a1, &chat, 2).await;
+    for e in [&a2, &b1, &b2] {
+        assert_eq!(until_history(e, &chat, 2).await, want);
+    }
+    for e in [a1, a2, b1, b2] {
+        e.shutdown().await;
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_catches_up_on_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let a = account(dir.path(), "a", &addr).await;
+    let b1 = account(dir.path(), "b1", &addr).await;
+    let b2 = linked(dir.path(), "b2", &addr, &b1).await;
+    let chat = a.create_conversation("c", &[b1.account()]).await.unwrap();
+    until_listed(&b2, &chat).await;
+    b2.shutdown().await;
+    for i in 0..200 {
+        a.send(&chat, &format!("message {i}")).await.unwrap();
+    }
+    b1.set_draft(&chat, "draft while b2 is away").await.unwrap();
+    until_uploaded(&a).await;
+    until_uploaded(&b1).await;
+    let b2 = Engine::open(config(dir.path(), "b2", &addr)).await.unwrap();
+    until_live(&b2).await;
+    let got = until_history(&b2, &chat, 200).await;
+    assert_eq!(got, until_history(&a, &chat, 200).await);
+    let deadline = Instant::now() + WAIT;
+    while b2.draft(&chat).await.unwrap().as_deref() != Some("draft while b2 is away") {
+        assert!(Instant::now() < deadline, "draft never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b2.unread_count(&chat).await.unwrap(), 200);
+    for e in [a, b1, b2] {
+        e.shutdown().await;
+    }
+    relay.shutdown().await;
+}
+
+/// A relay-node process on a fixed port, so a restart keeps the address.
+struct Node {
+    child: Child,
+    addr: PeerAddr,
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_node(data: &std::path::Path, port: u16) -> Node {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relay-node"))
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay-node starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("relay-node printed {line:?}"));
+    Node { child, addr }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_loses_nothing_acknowledged_and_devices_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay-data");
+    let port = free_port();
+    let mut node = start_node(&data, port);
+    let addr = node.addr.clone();
+    let a = account(dir.path(), "a", &addr).await;
+    let b = account(dir.path(), "b", &addr).await;
+    let chat = a.create_conversation("c", &[b.account()]).await.unwrap();
+    until_listed(&b, &chat).await;
+    let total = 300;
+    for i in 0..total {
+        a.send(&chat, &format!("m{i}")).await.unwrap();
+        if i == total / 2 {
+            // SIGKILL mid-traffic: no graceful shutdown.
+            node.child.kill().unwrap();
+            node.child.wait().unwrap();
+        }
+    }
+    let restarted = start_node(&data, port);
+    assert_eq!(restarted.addr, addr, "the relay keeps its key and address");
+    // Nobody is told: both devices reconnect by themselves, the outbox is flushed again
+    // (the relay deduplicates), and B pulls what it missed.
+    until_uploaded(&a).await;
+    let got = until_history(&b, &chat, total).await;
+    assert_eq!(got, until_history(&a, &chat, total).await);
+    a.shutdown().await;
+    b.shutdown().await;
+    let mut restarted = restarted;
+    restarted.child.kill().unwrap();
+    restarted.child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let a1 = account(dir.path(), "a1", &addr).await;
+    let a2 = linked(dir.path(), "a2", &addr, &a1).await;
+    let chat = a1.create_conversation("notes", &[]).await.unwrap();
+    until_listed(&a2, &chat).await;
+    let mut a2_events = a2.events();
+    a1.revoke_device(a2.device()).await.unwrap();
+    // The live connection is closed by the relay, and every reconnect is refused.
+    wait_for(&mut a2_events, "disconnect", |e| {
+        matches!(e, Event::Sync(s) if s.relays.iter().all(|r| matches!(r.state, ConnectionState::Offline { .. })))
+    })
+    .await;
+    let sneaky = a2.send(&chat, "written after revocation").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ids = all_ids(&a1, &chat).await;
+    assert!(
+        !ids.contains(&sneaky),
+        "a revoked device's message reached the account"
+    );
+    let status = a2.sync_status().await.unwrap();
+    assert_eq!(status.pending_uploads, 1, "nothing was accepted from it");
+    assert!(
+        status
+            .relays
+            .iter()
+            .all(|r| r.state != ConnectionState::Live)
+    );
+    for e in [a1, a2] {
+        e.shutdown().await;
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pinning_the_wrong_relay_key_never_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let mut wrong = relay.addr();
+    wrong.key = roamsync::ids::DeviceId::from_bytes(*blake3::hash(b"someone else").as_bytes());
+    let secret = roamsync::crypto::identity::DeviceSecret::generate(
+        &mut roamsync::crypto::rng::SeedRng::from_seed([3; 32]),
+    );
+    let identity = roamsync::net::Identity::from_device(&secret).unwrap();
+    let endpoint = roamsync::net::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let err = tokio::time::timeout(WAIT, roamsync::net::connect(&endpoint, &identity, &wrong))
+        .await
+        .expect("fails fast")
+        .expect_err("a wrong pinned key must not connect");
+    assert!(err.to_string().contains("key"), "{err}");
+    // An engine pinned to the wrong key stays offline.
+    let e = Engine::create_account(config(dir.path(), "x", &wrong), "x")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = e.sync_status().await.unwrap();
+    assert!(
+        status
+            .relays
+            .iter()
+            .all(|r| r.state != ConnectionState::Live)
+    );
+    e.shutdown().await;
+    relay.shutdown().await;
+}
