@@ -31,6 +31,26 @@ pub const MAX_APPENDS_IN_FLIGHT_PER_CONN: usize = 16 * 1024;
 /// Most envelope bytes of one connection waiting for the disk at once.
 pub const MAX_APPEND_BYTES_IN_FLIGHT_PER_CONN: usize = 64 * 1024 * 1024;
 
+// The async shell's queues and timeouts.
+
+/// Events (messages, datagrams, connection changes) queued for the relay's actor before the
+/// connections feeding it wait.
+pub const EVENT_QUEUE_DEPTH: usize = 4096;
+/// Pushes queued for one connection; a push that finds the queue full is dropped (the device
+/// notices the gap and fetches).
+pub const PUSH_QUEUE_DEPTH: usize = 1024;
+/// Answers queued for one connection above which the relay stops reading its requests until
+/// the connection has taken some (answers are never dropped).
+pub const ANSWER_HIGH_WATERMARK: usize = 4096;
+/// How long a new connection may take to open its stream.
+pub const FIRST_STREAM_TIMEOUT_MS: u64 = 10_000;
+/// How long a closing connection waits for the peer to receive the last messages.
+pub const CLOSE_LINGER_MS: u64 = 1_000;
+/// How long a graceful shutdown waits for connections to take their last answers.
+pub const SHUTDOWN_TIMEOUT_MS: u64 = 5_000;
+/// Reader connections serving fetches and catch-ups in parallel.
+pub const READER_CONNECTIONS: usize = 2;
+
 /// Fixed-point scale of the token bucket: one request costs this many units.
 const TOKEN_UNITS: u64 = 1000;
 

@@ -2,6 +2,8 @@
 //!
 //! - [`core`]: the protocol logic as a sans-IO state machine (no sockets, files or clock).
 //! - [`limits`]: every limit the relay enforces, and the per-connection rate limiter.
+//! - [`server`]: the async shell (tokio, QUIC): connections, the actor that owns the core,
+//!   store writes in order, fetches on reader connections, graceful shutdown.
 //! - [`store`]: the relay's durable storage (SQLite): device logs, access-control groups,
 //!   documents and the global envelope log whose sequence numbers are the cursors devices pull
 //!   "since".
@@ -13,6 +15,7 @@
 
 pub mod core;
 pub mod limits;
+pub mod server;
 pub mod store;
 pub mod writer;
 
