@@ -1,0 +1,429 @@
+//! Smoke tests of the relay server over real QUIC on loopback, with raw protocol clients: the
+//! account, group, subscribe, append and push flow; bad frames; restart from disk; the binary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use roamsync::crypto::device_log::DeviceLog;
+use roamsync::crypto::envelope::{EnvelopeHeader, EnvelopeKind, SealedEnvelope};
+use roamsync::crypto::group::{GroupUpdate, SealedLabel};
+use roamsync::crypto::identity::DeviceSecret;
+use roamsync::crypto::keys::{DocKey, KeyEpoch};
+use roamsync::crypto::rng::SeedRng;
+use roamsync::ids::{AccountId, ConversationId, DocAddr, DocId};
+use roamsync::net::{FramedRecv, FramedSend, Identity, PeerAddr};
+use roamsync::relay::server::{Relay, RelayConfig};
+use roamsync::wire::frame::{ErrorCode, Frame};
+use roamsync::wire::message::{Message, Subscription};
+
+/// How long a test waits for an answer.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A device speaking protocol messages directly.
+struct Client {
+    secret: DeviceSecret,
+    log: DeviceLog,
+    conn: quinn::Connection,
+    send: FramedSend,
+    recv: FramedRecv,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Client {
+    async fn connect(relay: &PeerAddr, seed: u8) -> Client {
+        let secret = DeviceSecret::generate(&mut SeedRng::from_seed([seed; 32]));
+        let log = DeviceLog::create(&secret, "smoke", "test").unwrap();
+        let identity = Identity::from_device(&secret).unwrap();
+        let endpoint = roamsync::net::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = roamsync::net::connect(&endpoint, &identity, relay)
+            .await
+            .unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        Client {
+            secret,
+            log,
+            conn,
+            send: FramedSend::new(send),
+            recv: FramedRecv::new(recv),
+            _endpoint: endpoint,
+        }
+    }
+
+    fn account(&self) -> AccountId {
+        self.log.account()
+    }
+
+    async fn send(&mut self, msg: Message) {
+        self.send.send(&Frame::Message(msg)).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Message {
+        match tokio::time::timeout(WAIT, self.recv.recv()).await {
+            Ok(Ok(Some(Frame::Message(m)))) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    async fn request(&mut self, msg: Message) -> Message {
+        self.send(msg).await;
+        self.next().await
+    }
+
+    /// Creates the account on the relay and authenticates.
+    async fn sign_in(&mut self) {
+        let (account, entries) = (self.account(), self.log.entries().to_vec());
+        let done = self
+            .request(Message::LogAppend {
+                req: 1,
+                account,
+                first_seq: 0,
+                entries,
+            })
+            .await;
+        assert_eq!(done, Message::Done { req: 1 });
+        let hello = self
+            .request(Message::Hello {
+                req: 2,
+                account,
+                log_len: 1,
+                log_head: self.log.head(),
+            })
+            .await;
+        assert!(
+            matches!(hello, Message::HelloOk { log_len: 1, .. }),
+            "{hello:?}"
+        );
+    }
+
+    fn update(&self, version: u32, members: Vec<AccountId>) -> GroupUpdate {
+        let addr = DocAddr::Meta(ConversationId::from_bytes([7; 16]));
+        let mut rng = SeedRng::from_seed([9; 32]);
+        let label = SealedLabel::seal(&addr, KeyEpoch(0), &DocKey::from_bytes([1; 32]), &mut rng);
+        GroupUpdate::sign(
+            &self.secret,
+            self.account(),
+            addr.doc_id(),
+            version,
+            members,
+            Vec::new(),
+            label,
+        )
+        .unwrap()
+    }
+
+    fn envelope(&self, doc: DocId, seq: u64) -> SealedEnvelope {
+        let header = EnvelopeHeader {
+            kind: EnvelopeKind::Changes,
+            doc,
+            epoch: KeyEpoch(0),
+            author: self.secret.device_id(),
+            first_seq: seq,
+            last_seq: seq,
+        };
+        SealedEnvelope::seal(
+            &self.secret,
+            &DocKey::from_bytes([1; 32]),
+            header,
+            b"sealed",
+        )
+        .unwrap()
+    }
+}
+
+fn group() -> DocId {
+    DocAddr::Meta(ConversationId::from_bytes([7; 16])).doc_id()
+}
+
+fn segment() -> DocId {
+    DocAddr::Segment(ConversationId::from_bytes([7; 16]), 0).doc_id()
+}
+
+async fn start(dir: &std::path::Path) -> Relay {
+    Relay::start(RelayConfig::new(
+        dir.join("relay"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .expect("relay starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_is_acknowledged_and_pushed_to_the_other_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(dir.path()).await;
+    let addr = relay.addr();
+    assert_eq!(addr.host, "127.0.0.1");
+    let mut alice = Client::connect(&addr, 1).await;
+    let mut bob = Client::connect(&addr, 2).await;
+    alice.sign_in().await;
+    bob.sign_in().await;
+    let update = alice.update(0, vec![alice.account(), bob.account()]);
+    let done = alice
+        .request(Message::PostGroup {
+            req: 3,
+            update: update.clone(),
+        })
+        .await;
+    assert_eq!(done, Message::Done { req: 3 });
+    // Bob is told about the group he was added to.
+    assert_eq!(
+        bob.next().await,
+        Message::GroupUpdates {
+            req: 0,
+            group: group(),
+            updates: vec![update],
+        }
+    );
+    for client in [&mut alice, &mut bob] {
+        let done = client
+            .request(Message::Subscribe {
+                req: 4,
+                items: vec![Subscription {
+                    doc: segment(),
+                    group: group(),
+                    after_seq: 0,
+                }],
+            })
+            .await;
+        assert_eq!(done, Message::Done { req: 4 });
+    }
+    let envelope = alice.envelope(segment(), 1);
+    let ack = alice
+        .request(Message::Append {
+            req: 5,
+            group: group(),
+            envelope: envelope.clone(),
+        })
+        .await;
+    let Message::Ack {
+        req: 5,
+        doc,
+        seq,
+        prev: 0,
+        duplicate: false,
+    } = ack
+    else {
+        panic!("{ack:?}");
+    };
+    assert_eq!(doc, segment());
+    match bob.next().await {
+        Message::Envelopes {
+            req: 0,
+            doc,
+            items,
+            more: false,
+        } => {
+            assert_eq!(doc, segment());
+            assert_eq!(items.len(), 1);
+            assert_eq!((items[0].seq, items[0].prev), (seq, 0));
+            assert_eq!(items[0].envelope, envelope.encode());
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same envelope again is a duplicate; a fetch returns what is stored.
+    let again = alice
+        .request(Message::Append {
+            req: 6,
+            group: group(),
+            envelope,
+        })
+        .await;
+    assert!(
+        matches!(again, Message::Ack { seq: s, duplicate: true, .. } if s == seq),
+        "{again:?}"
+    );
+    let fetched = bob
+        .request(Message::Fetch {
+            req: 7,
+            doc: segment(),
+            after_seq: 0,
+            limit: 10,
+        })
+        .await;
+    assert!(
+        matches!(&fetched, Message::Envelopes { req: 7, items, more: false, .. } if items.len() == 1),
+        "{fetched:?}"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_only_their_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(dir.path()).await;
+    let addr = relay.addr();
+    let mut honest = Client::connect(&addr, 1).await;
+    honest.sign_in().await;
+
+    let mut garbage = Client::connect(&addr, 2).await;
+    garbage.send.send_encoded(&[0xff; 64]).await.unwrap();
+    assert!(matches!(
+        garbage.next().await,
+        Message::Error {
+            req: 0,
+            code: ErrorCode::MALFORMED,
+            ..
+        }
+    ));
+    tokio::time::timeout(WAIT, garbage.conn.closed())
+        .await
+        .expect("closed");
+
+    let mut big = Client::connect(&addr, 3).await;
+    let mut header = vec![1u8, 0x06];
+    header.extend_from_slice(&u32::MAX.to_be_bytes());
+    big.send.send_encoded(&header).await.unwrap();
+    assert!(matches!(
+        big.next().await,
+        Message::Error {
+            req: 0,
+            code: ErrorCode::TOO_LARGE,
+            ..
+        }
+    ));
+    tokio::time::timeout(WAIT, big.conn.closed())
+        .await
+        .expect("closed");
+
+    // A well-framed message the relay does not take is refused, and the connection stays.
+    let refused = honest.request(Message::Done { req: 8 }).await;
+    assert!(matches!(
+        refused,
+        Message::Error {
+            req: 8,
+            code: ErrorCode::MALFORMED,
+            ..
+        }
+    ));
+    let account = honest.account();
+    let answer = honest
+        .request(Message::FetchLog {
+            req: 9,
+            account,
+            from_seq: 0,
+        })
+        .await;
+    assert!(
+        matches!(&answer, Message::LogEntries { req: 9, entries, .. } if entries.len() == 1),
+        "{answer:?}"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_relay_keeps_its_key_and_everything_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(dir.path()).await;
+    let addr = relay.addr();
+    let mut alice = Client::connect(&addr, 1).await;
+    alice.sign_in().await;
+    let update = alice.update(0, vec![alice.account()]);
+    alice.request(Message::PostGroup { req: 3, update }).await;
+    // Many appends in flight at once; each is acknowledged after its commit.
+    for seq in 1..=200u64 {
+        alice
+            .send(Message::Append {
+                req: 100 + seq as u32,
+                group: group(),
+                envelope: alice.envelope(segment(), seq),
+            })
+            .await;
+    }
+    let mut last = 0;
+    for _ in 0..200 {
+        match alice.next().await {
+            Message::Ack {
+                seq,
+                prev,
+                duplicate: false,
+                ..
+            } => {
+                assert_eq!(prev, last, "acks arrive in commit order");
+                last = seq;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    relay.shutdown().await;
+
+    let relay = start(dir.path()).await;
+    assert_eq!(relay.addr().key, addr.key, "the relay keeps its key");
+    let mut again = Client::connect(&relay.addr(), 1).await;
+    let hello = again
+        .request(Message::Hello {
+            req: 1,
+            account: again.account(),
+            log_len: 1,
+            log_head: again.log.head(),
+        })
+        .await;
+    assert!(
+        matches!(&hello, Message::HelloOk { log_len: 1, groups, .. } if *groups == vec![(group(), 0)]),
+        "{hello:?}"
+    );
+    let done = again
+        .request(Message::Subscribe {
+            req: 2,
+            items: vec![Subscription {
+                doc: segment(),
+                group: group(),
+                after_seq: 0,
+            }],
+        })
+        .await;
+    let Message::Envelopes { items, .. } = done else {
+        panic!("expected the catch-up, got {done:?}");
+    };
+    let mut got = items.len();
+    loop {
+        match again.next().await {
+            Message::Envelopes { items, .. } => got += items.len(),
+            Message::Done { req: 2 } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, 200);
+    relay.shutdown().await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_node_prints_its_address_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relay-node"))
+        .args([
+            "--data",
+            dir.path().join("data").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--durability",
+            "normal",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay-node starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: PeerAddr = line
+        .trim()
+        .strip_prefix("relay-node listening on ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("relay-node printed {line:?}"));
+    let mut client = Client::connect(&addr, 4).await;
+    client.sign_in().await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(dir.path().join("data").join("relay.key").exists());
+}
