@@ -84,7 +84,10 @@ fn main() {
             ("roamsync", run_roamsync_live(&cfg)),
         ] {
             print_row(name, &cfg, &result);
-            assert_eq!(result.received, result.sent, "{name}: smoke run lost messages");
+            assert_eq!(
+                result.received, result.sent,
+                "{name}: smoke run lost messages"
+            );
         }
         return;
     }

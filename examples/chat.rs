@@ -73,7 +73,10 @@ impl Chat {
                 .first()
                 .and_then(|s| s.parse().ok())
                 .ok_or("which message? (a number from /history)")?;
-            shown.get(n).copied().ok_or_else(|| format!("no message {n}"))
+            shown
+                .get(n)
+                .copied()
+                .ok_or_else(|| format!("no message {n}"))
         };
         match cmd {
             "/quit" => return Ok(false),
@@ -85,7 +88,11 @@ impl Chat {
                     .iter()
                     .map(|a| AccountId::parse_hex(a).map_err(|e| format!("{a}: {e}")))
                     .collect::<Result<Vec<_>, _>>()?;
-                let c = self.engine.create_conversation(title, &others).await.map_err(e)?;
+                let c = self
+                    .engine
+                    .create_conversation(title, &others)
+                    .await
+                    .map_err(e)?;
                 self.open = Some(c);
                 println!("created and opened {title}");
             }
@@ -98,18 +105,33 @@ impl Chat {
                         .as_ref()
                         .and_then(|m| m.text.clone())
                         .unwrap_or_default();
-                    let flags = [(s.pinned, "pinned"), (s.muted, "muted"), (s.archived, "archived")]
-                        .iter()
-                        .filter(|(on, _)| *on)
-                        .map(|(_, n)| *n)
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    println!("{i:>3} {:<20} unread {:>3} {flags:<10} {last}", s.title, s.unread);
+                    let flags = [
+                        (s.pinned, "pinned"),
+                        (s.muted, "muted"),
+                        (s.archived, "archived"),
+                    ]
+                    .iter()
+                    .filter(|(on, _)| *on)
+                    .map(|(_, n)| *n)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                    println!(
+                        "{i:>3} {:<20} unread {:>3} {flags:<10} {last}",
+                        s.title, s.unread
+                    );
                 }
             }
             "/open" => {
-                let n: usize = rest.first().and_then(|s| s.parse().ok()).ok_or("/open <n>")?;
-                self.open = Some(*self.list.get(n).ok_or("no such conversation; /list first")?);
+                let n: usize = rest
+                    .first()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("/open <n>")?;
+                self.open = Some(
+                    *self
+                        .list
+                        .get(n)
+                        .ok_or("no such conversation; /list first")?,
+                );
                 println!("opened; /history to read");
             }
             "/history" => {
@@ -117,17 +139,25 @@ impl Chat {
                 let page = self.engine.history(&c, None, 20).await.map_err(e)?;
                 self.shown = page.messages.iter().map(|m| m.id).collect();
                 for (i, m) in page.messages.iter().enumerate() {
-                    let who = if m.author == self.engine.account() { "me".to_owned() } else { short(&m.author) };
+                    let who = if m.author == self.engine.account() {
+                        "me".to_owned()
+                    } else {
+                        short(&m.author)
+                    };
                     let body = m.body.as_deref().unwrap_or("(recalled)");
                     let edited = if m.edited { " (edited)" } else { "" };
-                    let reactions: Vec<&str> = m.reactions.iter().map(|r| r.reaction.as_str()).collect();
+                    let reactions: Vec<&str> =
+                        m.reactions.iter().map(|r| r.reaction.as_str()).collect();
                     println!("{i:>3} {who:>8}: {body}{edited} {}", reactions.join(" "));
                 }
             }
             "/edit" => {
                 let c = self.open.ok_or_else(need_open)?;
                 let id = nth(&rest, &self.shown)?;
-                self.engine.edit(&c, &id, &rest[1..].join(" ")).await.map_err(e)?;
+                self.engine
+                    .edit(&c, &id, &rest[1..].join(" "))
+                    .await
+                    .map_err(e)?;
             }
             "/recall" => {
                 let c = self.open.ok_or_else(need_open)?;
@@ -149,7 +179,10 @@ impl Chat {
             }
             "/draft" => {
                 let c = self.open.ok_or_else(need_open)?;
-                self.engine.set_draft(&c, &rest.join(" ")).await.map_err(e)?;
+                self.engine
+                    .set_draft(&c, &rest.join(" "))
+                    .await
+                    .map_err(e)?;
             }
             "/pin" | "/mute" | "/archive" => {
                 let c = self.open.ok_or_else(need_open)?;
@@ -168,11 +201,17 @@ impl Chat {
             }
             "/invite" => {
                 let code = self.engine.invite_device().await.map_err(e)?;
-                println!("on the new device: --link {code} <name>   (valid for 5 minutes; keep this one running)");
+                println!(
+                    "on the new device: --link {code} <name>   (valid for 5 minutes; keep this one running)"
+                );
             }
             "/devices" => {
                 for d in self.engine.devices().await.map_err(e)? {
-                    let me = if d == self.engine.device() { " (this one)" } else { "" };
+                    let me = if d == self.engine.device() {
+                        " (this one)"
+                    } else {
+                        ""
+                    };
                     println!("{d:?}{me}");
                 }
             }
@@ -198,12 +237,20 @@ fn describe(event: &Event) -> Option<String> {
         Event::MessageRecalled { .. } => "a message was recalled".into(),
         Event::ReactionsChanged { .. } => "reactions changed".into(),
         Event::ConversationAdded { .. } => "you were added to a conversation (/list)".into(),
-        Event::Typing { account, typing: true, .. } => format!("{} is typing…", short(account)),
+        Event::Typing {
+            account,
+            typing: true,
+            ..
+        } => format!("{} is typing…", short(account)),
         Event::DeviceLinked { device } => format!("device linked: {device:?}"),
         Event::DeviceRevoked { device } => format!("device revoked: {device:?}"),
         Event::Sync(s) => format!(
             "sync: {} (pending uploads {})",
-            s.relays.iter().map(|r| format!("{:?}", r.state)).collect::<Vec<_>>().join(", "),
+            s.relays
+                .iter()
+                .map(|r| format!("{:?}", r.state))
+                .collect::<Vec<_>>()
+                .join(", "),
             s.pending_uploads
         ),
         Event::RelayError { code, text } => format!("relay refused: {code:?} {text}"),
@@ -216,7 +263,8 @@ fn describe(event: &Event) -> Option<String> {
 async fn main() {
     let args = Args::parse();
     // A real app keeps the storage key in the OS keystore; the demo derives it from the path.
-    let key = StorageKey::from_bytes(*blake3::hash(args.store.to_string_lossy().as_bytes()).as_bytes());
+    let key =
+        StorageKey::from_bytes(*blake3::hash(args.store.to_string_lossy().as_bytes()).as_bytes());
     let config = EngineConfig::new(&args.store, key, vec![args.relay.clone()]);
     let engine = match (&args.create, &args.link) {
         (Some(name), _) => Engine::create_account(config, name).await,

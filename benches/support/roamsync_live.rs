@@ -166,10 +166,19 @@ async fn run(cfg: LiveConfig) -> LiveResult {
         .collect();
     let bounds: Vec<u64> = sent
         .iter()
-        .map(|(_, t0)| (last_send + DRAIN).saturating_duration_since(*t0).as_micros() as u64)
+        .map(|(_, t0)| {
+            (last_send + DRAIN)
+                .saturating_duration_since(*t0)
+                .as_micros() as u64
+        })
         .collect();
-    let end = received.values().max().copied().unwrap_or(last_send + DRAIN);
-    let result = LiveResult::from_latencies(&latencies, &bounds, end.saturating_duration_since(start));
+    let end = received
+        .values()
+        .max()
+        .copied()
+        .unwrap_or(last_send + DRAIN);
+    let result =
+        LiveResult::from_latencies(&latencies, &bounds, end.saturating_duration_since(start));
     if let Ok(a) = Arc::try_unwrap(a) {
         a.shutdown().await;
     }
