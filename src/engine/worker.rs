@@ -884,6 +884,20 @@ impl Worker {
                 what: "changes and the envelope's author range",
             });
         }
+        // Messages and reactions name an account; it must be the signing device's.
+        if let DocAddr::Segment(..) = addr {
+            let account = self.device_account.get(&author);
+            let claims = crate::model::claimed_accounts(&batch.changes).ok_or(
+                EngineError::Mismatch {
+                    what: "accounts named in the changes",
+                },
+            )?;
+            if claims.iter().any(|c| Some(c) != account) {
+                return Err(EngineError::Mismatch {
+                    what: "the message or reaction account and the signing device's account",
+                });
+            }
+        }
         Ok(Some(batch))
     }
 
