@@ -147,6 +147,25 @@ impl KeySource for GroupKeys<'_> {
     }
 }
 
+/// Envelopes sealed for one document: the document, the own sequence number they reach, and
+/// each envelope with its group.
+type Sealed = (DocAddr, u64, Vec<(DocId, SealedEnvelope)>);
+
+/// Writes sealed envelopes into the outbox and moves the sealed marks; returns the outbox rows.
+fn write_sealed(
+    tx: &mut crate::store::StoreTx<'_>,
+    sealed: &[Sealed],
+) -> Result<Vec<i64>, crate::store::StoreError> {
+    let mut ids = Vec::new();
+    for (addr, own, envelopes) in sealed {
+        for (_, env) in envelopes {
+            ids.push(tx.push_outbox(&env.encode())?);
+        }
+        tx.put_setting(&state::sealed_setting(&addr.doc_id()), &own.to_be_bytes())?;
+    }
+    Ok(ids)
+}
+
 /// The group a document belongs to: the account document is its own group; a conversation's
 /// meta document is the group of all its documents.
 pub(crate) fn group_of(addr: &DocAddr) -> DocId {
@@ -351,10 +370,29 @@ impl Worker {
         if self.replies.is_empty() {
             return;
         }
-        let failed = self.replica.flush().err().map(|e| e.to_string());
+        // The new changes are sealed first and go into the outbox in the same transaction as
+        // the changes themselves: one commit (one fsync) for the whole turn.
+        let pending: BTreeSet<DocAddr> = self.replica.unsaved_docs().into_iter().collect();
+        let sealed = match self.prepare_seal(pending) {
+            Ok(s) => s,
+            Err(e) => {
+                // The operations are still stored; what was not sealed is sealed at next start.
+                tracing::error!(error = %e, "sealing local changes failed");
+                Vec::new()
+            }
+        };
+        let mut ids = Vec::new();
+        let failed = self
+            .replica
+            .flush_with(|tx| {
+                ids = write_sealed(tx, &sealed)?;
+                Ok(())
+            })
+            .err()
+            .map(|e| e.to_string());
         if failed.is_none() {
+            self.record_sealed(sealed, ids);
             if let Err(e) = self.after_local() {
-                // The operations are durable; what was not sealed is sealed at the next start.
                 tracing::error!(error = %e, "sealing local changes failed");
             }
         }
@@ -722,34 +760,40 @@ impl Worker {
                 Some(r) => r.session.on_pushed(doc, seq, prev),
                 None => return Ok(()),
             };
-            self.store_cursor(relay, &doc, step)?;
+            self.store_cursors(vec![(relay, doc, step)])?;
         }
         Ok(())
     }
 
-    fn store_cursor(
-        &mut self,
-        relay: usize,
-        doc: &DocId,
-        step: CursorStep,
-    ) -> Result<(), EngineError> {
-        if let Some(seq) = step.advanced_to {
-            if let (Some(addr), Some(r)) = (self.docs.get(doc), self.relays.get(relay)) {
-                let key = *r.addr.key.as_bytes();
-                let addr = *addr;
-                self.replica
-                    .store()
-                    .write(|tx| tx.set_cursor(&key, &addr, seq))?;
+    /// Stores the cursors of a turn in one transaction, then asks for what a gap showed.
+    fn store_cursors(&mut self, steps: Vec<(usize, DocId, CursorStep)>) -> Result<(), EngineError> {
+        let mut writes = Vec::new();
+        for (relay, doc, step) in &steps {
+            if let (Some(seq), Some(addr), Some(r)) = (
+                step.advanced_to,
+                self.docs.get(doc),
+                self.relays.get(*relay),
+            ) {
+                writes.push((*r.addr.key.as_bytes(), *addr, seq));
             }
         }
-        if let Some(after_seq) = step.fetch_after {
-            let doc = *doc;
-            self.request(relay, Pending::Fetch(doc), |req| Message::Fetch {
-                req,
-                doc,
-                after_seq,
-                limit: FETCH_LIMIT,
-            });
+        if !writes.is_empty() {
+            self.replica.store().write(|tx| {
+                for (relay, addr, seq) in &writes {
+                    tx.set_cursor(relay, addr, *seq)?;
+                }
+                Ok(())
+            })?;
+        }
+        for (relay, doc, step) in steps {
+            if let Some(after_seq) = step.fetch_after {
+                self.request(relay, Pending::Fetch(doc), |req| Message::Fetch {
+                    req,
+                    doc,
+                    after_seq,
+                    limit: FETCH_LIMIT,
+                });
+            }
         }
         Ok(())
     }
@@ -824,23 +868,29 @@ impl Worker {
             steps.extend(a.steps.into_iter().map(|(r, s)| (r, doc, s)));
         }
         if !batches.is_empty() {
-            match self.replica.apply(now, batches) {
-                Ok(report) => self.after_apply(report),
-                Err(e) => {
-                    // Nothing was stored: keep the cursors where they were so the envelopes
-                    // come again.
-                    tracing::error!(error = %e, "applying remote changes failed");
-                    self.emit(Event::StorageError {
-                        text: e.to_string(),
-                    });
-                    return;
+            // The app hears about the changes as soon as they are applied in memory; they are
+            // stored right after. The cursors move only once that store is done, so a crash in
+            // between means the envelopes are fetched again, never that they are skipped.
+            self.replica.defer_writes(true);
+            let applied = self.replica.apply(now, batches);
+            self.replica.defer_writes(false);
+            let stored = match applied {
+                Ok(report) => {
+                    self.after_apply(report);
+                    self.replica.flush()
                 }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = stored {
+                tracing::error!(error = %e, "applying remote changes failed");
+                self.emit(Event::StorageError {
+                    text: e.to_string(),
+                });
+                return;
             }
         }
-        for (relay, doc, step) in steps {
-            if let Err(e) = self.store_cursor(relay, &doc, step) {
-                tracing::error!(error = %e, "storing a cursor failed");
-            }
+        if let Err(e) = self.store_cursors(steps) {
+            tracing::error!(error = %e, "storing cursors failed");
         }
         if let Err(e) = self.after_local() {
             tracing::error!(error = %e, "sealing repairs failed");
@@ -887,11 +937,10 @@ impl Worker {
         // Messages and reactions name an account; it must be the signing device's.
         if let DocAddr::Segment(..) = addr {
             let account = self.device_account.get(&author);
-            let claims = crate::model::claimed_accounts(&batch.changes).ok_or(
-                EngineError::Mismatch {
+            let claims =
+                crate::model::claimed_accounts(&batch.changes).ok_or(EngineError::Mismatch {
                     what: "accounts named in the changes",
-                },
-            )?;
+                })?;
             if claims.iter().any(|c| Some(c) != account) {
                 return Err(EngineError::Mismatch {
                     what: "the message or reaction account and the signing device's account",
@@ -1013,8 +1062,22 @@ impl Worker {
     }
 
     fn seal_new(&mut self, addrs: BTreeSet<DocAddr>) -> Result<(), EngineError> {
+        let sealed_now = self.prepare_seal(addrs)?;
+        if sealed_now.is_empty() {
+            return Ok(());
+        }
+        let ids = self
+            .replica
+            .store()
+            .write(|tx| write_sealed(tx, &sealed_now))?;
+        self.record_sealed(sealed_now, ids);
+        Ok(())
+    }
+
+    /// Seals this device's changes to `addrs` that are past the sealed mark.
+    fn prepare_seal(&mut self, addrs: BTreeSet<DocAddr>) -> Result<Vec<Sealed>, EngineError> {
         let me = self.device();
-        let mut sealed_now: Vec<(DocAddr, u64, Vec<(DocId, SealedEnvelope)>)> = Vec::new();
+        let mut sealed_now: Vec<Sealed> = Vec::new();
         for addr in addrs {
             let group = group_of(&addr);
             let vv = self.replica.version_vector(&addr)?;
@@ -1052,19 +1115,12 @@ impl Worker {
             }
             sealed_now.push((addr, own, envelopes));
         }
-        if sealed_now.is_empty() {
-            return Ok(());
-        }
-        let ids = self.replica.store().write(|tx| {
-            let mut ids = Vec::new();
-            for (addr, own, envelopes) in &sealed_now {
-                for (_, env) in envelopes {
-                    ids.push(tx.push_outbox(&env.encode())?);
-                }
-                tx.put_setting(&state::sealed_setting(&addr.doc_id()), &own.to_be_bytes())?;
-            }
-            Ok(ids)
-        })?;
+        Ok(sealed_now)
+    }
+
+    /// Takes envelopes written to the outbox (rows `ids`, in order) into memory and offers
+    /// them to the relays.
+    fn record_sealed(&mut self, sealed_now: Vec<Sealed>, ids: Vec<i64>) {
         let mut ids = ids.into_iter();
         let mut fresh = Vec::new();
         for (addr, own, envelopes) in sealed_now {
@@ -1094,7 +1150,6 @@ impl Worker {
             }
         }
         self.emit_status();
-        Ok(())
     }
 
     // ---- device logs -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ use crate::model::{
     ApplyReport, ChangeBatch, ConversationSummary, Cursor, Draft, ListFlag, Message, ModelConfig,
     ModelError, Page, Replica, SegmentInfo, SyncedDoc,
 };
-use crate::store::db::{Durability, Store, StoreError, StoredDoc};
+use crate::store::db::{Durability, Store, StoreError, StoreTx, StoredDoc};
 use crate::store::seal::StorageKey;
 use crate::store::summary::{self, SummaryError};
 
@@ -119,6 +119,9 @@ pub enum ReplicaStoreError {
 }
 
 type Result<T> = std::result::Result<T, ReplicaStoreError>;
+
+/// Writes a caller adds to the transaction of a flush.
+type ExtraWrites<'a> = dyn FnMut(&mut StoreTx<'_>) -> std::result::Result<(), StoreError> + 'a;
 
 /// A [`Replica`] whose every operation is durable in a [`Store`].
 #[derive(Debug)]
@@ -377,18 +380,45 @@ impl StoredReplica {
     /// Stores everything changed in memory (one transaction), then trims the cache and the
     /// disk to their budgets.
     pub fn flush(&mut self) -> Result<()> {
-        self.persist()?;
+        self.persist(None)?;
         self.shrink_cache()?;
         self.shrink_disk()
+    }
+
+    /// [`StoredReplica::flush`], with `extra` writes of the caller (its outbox, say) in the same
+    /// transaction.
+    pub fn flush_with(
+        &mut self,
+        mut extra: impl FnMut(&mut StoreTx<'_>) -> std::result::Result<(), StoreError>,
+    ) -> Result<()> {
+        self.persist(Some(&mut extra))?;
+        self.shrink_cache()?;
+        self.shrink_disk()
+    }
+
+    /// Documents in memory with changes not stored yet (while writes are deferred).
+    pub fn unsaved_docs(&self) -> Vec<DocAddr> {
+        self.replica
+            .docs()
+            .into_iter()
+            .filter(|a| {
+                self.replica
+                    .synced_doc(a)
+                    .is_some_and(SyncedDoc::has_unsaved)
+            })
+            .collect()
     }
 
     // ---- persisting ----------------------------------------------------------------------
 
     /// Writes everything changed in memory, and the summaries that depend on it, in one
     /// transaction.
-    fn persist(&mut self) -> Result<()> {
+    fn persist(&mut self, mut extra: Option<&mut ExtraWrites<'_>>) -> Result<()> {
         let unsaved = self.replica.take_unsaved();
         if unsaved.is_empty() {
+            if let Some(extra) = extra {
+                self.store.write(|tx| extra(tx))?;
+            }
             return Ok(());
         }
         self.writes_since_disk_check += 1;
@@ -450,7 +480,11 @@ impl StoredReplica {
             for s in &summaries {
                 tx.put_summary(&s.id, &summary::encode(s))?;
             }
-            tx.put_setting("clock", &clock)
+            tx.put_setting("clock", &clock)?;
+            match extra.as_mut() {
+                Some(extra) => extra(tx),
+                None => Ok(()),
+            }
         })?;
         self.compact(unsaved.iter().map(|(a, _)| *a).collect())
     }

@@ -317,7 +317,9 @@ fn claimed_accounts_name_message_authors_and_reactors() {
     // A device that writes as another account is visible as such: the sync layer refuses it.
     let mut forger = replica(9, 1, 16);
     let c2 = forger.create_conversation(T0, "x", &[account(2)]).unwrap();
-    forger.send(T0 + 1, &c2, &Draft::text("as someone else")).unwrap();
+    forger
+        .send(T0 + 1, &c2, &Draft::text("as someone else"))
+        .unwrap();
     let batch = forger
         .changes_since(&DocAddr::Segment(c2, 0), &VersionVector::new())
         .unwrap();
