@@ -16,6 +16,7 @@ mod samod_live;
 #[path = "support/roamsync_live.rs"]
 mod roamsync_live;
 
+use roamsync::store::Durability;
 use roamsync_live::run_roamsync_live;
 use samod_live::{LiveConfig, LiveResult, run_samod_live};
 
@@ -69,6 +70,23 @@ fn print_row(name: &str, cfg: &LiveConfig, r: &LiveResult) {
     );
 }
 
+/// Median and 90th percentile of 50 fsyncs of a 4 KiB write, to read the latencies against.
+fn fsync_probe() -> String {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let mut f = std::fs::File::create(dir.path().join("probe")).expect("a file");
+    let mut times: Vec<std::time::Duration> = (0..50)
+        .map(|_| {
+            f.write_all(&[7u8; 4096]).expect("write");
+            let t = std::time::Instant::now();
+            f.sync_data().expect("fsync");
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    format!("p50 {:?}, p90 {:?}", times[25], times[45])
+}
+
 fn main() {
     let smoke = std::env::args().any(|a| a == "--test");
     if smoke {
@@ -81,7 +99,7 @@ fn main() {
         print_header();
         for (name, result) in [
             ("samod", run_samod_live(&cfg)),
-            ("roamsync", run_roamsync_live(&cfg)),
+            ("roamsync", run_roamsync_live(&cfg, Durability::Full)),
         ] {
             print_row(name, &cfg, &result);
             assert_eq!(
@@ -96,7 +114,7 @@ fn main() {
     // The same workload on both, in the same run.
     for (rate, history) in [(100, 1_000), (300, 1_000), (50, 50_000)] {
         let cfg = case(rate, history, s);
-        let ours = run_roamsync_live(&cfg);
+        let ours = run_roamsync_live(&cfg, Durability::Full);
         print_row("roamsync", &cfg, &ours);
         let theirs = run_samod_live(&cfg);
         print_row("samod", &cfg, &theirs);
@@ -114,12 +132,20 @@ fn main() {
     }
     for h in histories {
         let cfg = case(1_000, h, s);
-        print_row("roamsync", &cfg, &run_roamsync_live(&cfg));
+        print_row("roamsync", &cfg, &run_roamsync_live(&cfg, Durability::Full));
     }
+    // The same without waiting for the disk: what the protocol itself costs.
+    let cfg = case(1_000, 1_000, s);
+    print_row(
+        "nofsync",
+        &cfg,
+        &run_roamsync_live(&cfg, Durability::Normal),
+    );
+    println!("fsync on this disk: {}", fsync_probe());
     let mut best = 0;
     for rate in [2_000, 5_000, 10_000, 15_000, 20_000, 30_000] {
         let cfg = case(rate, 1_000, s.min(3.0));
-        let r = run_roamsync_live(&cfg);
+        let r = run_roamsync_live(&cfg, Durability::Full);
         print_row("roamsync", &cfg, &r);
         if r.received < r.sent || r.p99_us > 1_000_000 {
             break;

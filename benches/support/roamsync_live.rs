@@ -15,7 +15,7 @@ use roamsync::engine::{ConnectionState, Engine, EngineConfig, Event};
 use roamsync::ids::MessageId;
 use roamsync::net::PeerAddr;
 use roamsync::relay::server::{Relay, RelayConfig};
-use roamsync::store::StorageKey;
+use roamsync::store::{Durability, StorageKey};
 
 use super::samod_live::{LiveConfig, LiveResult};
 
@@ -24,9 +24,16 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// Sends of the history prefill in flight at once.
 const PREFILL_WINDOW: usize = 1_000;
 
-fn config(dir: &std::path::Path, name: &str, relay: &PeerAddr) -> EngineConfig {
+fn config(
+    dir: &std::path::Path,
+    name: &str,
+    relay: &PeerAddr,
+    durability: Durability,
+) -> EngineConfig {
     let key = StorageKey::from_bytes(*blake3::hash(name.as_bytes()).as_bytes());
-    EngineConfig::new(dir.join(format!("{name}.db")), key, vec![relay.clone()])
+    let mut c = EngineConfig::new(dir.join(format!("{name}.db")), key, vec![relay.clone()]);
+    c.store.durability = durability;
+    c
 }
 
 async fn until_live(e: &Engine) {
@@ -49,31 +56,32 @@ fn body(i: u32, len: usize) -> String {
     s
 }
 
-/// Runs the workload on roamsync and reports what B saw.
-pub fn run_roamsync_live(cfg: &LiveConfig) -> LiveResult {
+/// Runs the workload on roamsync and reports what B saw. `durability` applies to both devices
+/// and the relay: `Full` waits for the disk at every commit (the default and the honest
+/// figure), `Normal` does not (durable across a process crash, not a power loss) and shows
+/// what the protocol costs without the disk.
+pub fn run_roamsync_live(cfg: &LiveConfig, durability: Durability) -> LiveResult {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("a runtime");
-    rt.block_on(run(*cfg))
+    rt.block_on(run(*cfg, durability))
 }
 
-async fn run(cfg: LiveConfig) -> LiveResult {
+async fn run(cfg: LiveConfig, durability: Durability) -> LiveResult {
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let relay = Relay::start(RelayConfig::new(
-        dir.path().join("relay"),
-        "127.0.0.1:0".parse().unwrap(),
-    ))
-    .await
-    .expect("relay");
+    let mut relay_config =
+        RelayConfig::new(dir.path().join("relay"), "127.0.0.1:0".parse().unwrap());
+    relay_config.durability = durability;
+    let relay = Relay::start(relay_config).await.expect("relay");
     let addr = relay.addr();
     let a = Arc::new(
-        Engine::create_account(config(dir.path(), "a", &addr), "a")
+        Engine::create_account(config(dir.path(), "a", &addr, durability), "a")
             .await
             .expect("a"),
     );
-    let b = Engine::create_account(config(dir.path(), "b", &addr), "b")
+    let b = Engine::create_account(config(dir.path(), "b", &addr, durability), "b")
         .await
         .expect("b");
     until_live(&a).await;

@@ -58,9 +58,38 @@ pub struct Conversation {
     /// again after it changes (`None`: not known). Sending needs it for every message, and a
     /// scan of the index grows with the number of segments.
     max_indexed: Option<Option<u32>>,
+    /// The last unread count, so that counting again walks only what arrived since.
+    unread_cache: std::cell::Cell<Option<UnreadCache>>,
+}
+
+/// An unread count and what it covered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct UnreadCache {
+    /// The read position it was counted from.
+    pub read: MessageKey,
+    /// The newest message key it saw.
+    pub newest: MessageKey,
+    /// Unread messages at or below `newest`.
+    pub count: u64,
 }
 
 impl Conversation {
+    /// The cached unread count, if any.
+    pub(crate) fn unread_cache(&self) -> Option<UnreadCache> {
+        self.unread_cache.get()
+    }
+
+    /// Records an unread count.
+    pub(crate) fn set_unread_cache(&self, cache: Option<UnreadCache>) {
+        self.unread_cache.set(cache);
+    }
+
+    /// Forgets the cached unread count: messages arrived below what it covered, or one it
+    /// counted was recalled or hidden.
+    pub(crate) fn forget_unread(&self) {
+        self.unread_cache.set(None);
+    }
+
     /// A conversation this replica knows nothing of yet.
     pub fn empty(id: ConversationId, me: DeviceId) -> Conversation {
         Conversation {
@@ -70,6 +99,7 @@ impl Conversation {
             segments: BTreeMap::new(),
             unloaded: BTreeMap::new(),
             max_indexed: None,
+            unread_cache: std::cell::Cell::new(None),
         }
     }
 
@@ -89,6 +119,7 @@ impl Conversation {
             segments: BTreeMap::new(),
             unloaded,
             max_indexed: None,
+            unread_cache: std::cell::Cell::new(None),
         })
     }
 

@@ -419,6 +419,7 @@ impl Replica {
         if c.locate(&id.key())?.is_none() {
             return Err(unknown_message(conversation, id));
         }
+        c.forget_unread();
         self.account_doc.hide(conversation, &id.key())
     }
 
@@ -536,13 +537,24 @@ impl Replica {
         // Newest first, stopping at this account's own latest message: whoever writes has read
         // what came before. That keeps sending free of account-document writes and makes the
         // count cost proportional to the unread messages, not to the history.
+        // A count cached from the same read position covers everything up to its newest key:
+        // only what arrived since is walked (arrivals below it, recalls and hides drop the
+        // cache, see `apply_doc` and `hide_message`).
+        let cached = c.unread_cache().filter(|u| u.read == read);
+        let from = cached.map_or(read, |u| u.newest);
         let mut unread = 0u64;
-        c.visit_after_desc(read, |k, s| {
+        let mut own = false;
+        let mut newest = None;
+        c.visit_after_desc(from, |k, s| {
+            newest.get_or_insert(*k);
             if self.account_doc.is_hidden(&id, k) {
                 return true;
             }
             match message::author_and_recalled(s.doc().doc(), k) {
-                Some((author, _)) if author == self.account => false,
+                Some((author, _)) if author == self.account => {
+                    own = true;
+                    false
+                }
                 Some((_, false)) => {
                     unread += 1;
                     true
@@ -550,6 +562,14 @@ impl Replica {
                 _ => true,
             }
         })?;
+        if !own {
+            unread += cached.map_or(0, |u| u.count);
+        }
+        c.set_unread_cache(Some(crate::model::conversation::UnreadCache {
+            read,
+            newest: newest.unwrap_or(from),
+            count: unread,
+        }));
         Ok(unread)
     }
 
@@ -832,6 +852,10 @@ impl Replica {
                         got: a,
                     });
                 }
+                // Read positions and hidden messages may have changed.
+                for c in self.conversations.values() {
+                    c.forget_unread();
+                }
                 self.account_doc.doc_mut().apply(changes)
             }
             DocAddr::Meta(c) => self
@@ -851,7 +875,20 @@ impl Replica {
                     return Ok(stats);
                 }
                 let touched = segment.doc_mut().take_touched();
-                for id in segment.reindex_keys(&touched.root_keys) {
+                let new_ids = segment.reindex_keys(&touched.root_keys);
+                // A cached unread count stays right only if nothing arrived below what it
+                // covered and nothing it covered was recalled.
+                if let Some(cache) = conversation.unread_cache() {
+                    let recalled = touched
+                        .updates
+                        .iter()
+                        .any(|(_, u)| *u == MessageUpdate::Recalled);
+                    if recalled || new_ids.iter().any(|id| id.key() <= cache.newest) {
+                        conversation.forget_unread();
+                    }
+                }
+                let segment = conversation.segment_mut(n)?;
+                for id in new_ids {
                     if let Err(e) = self.clock.observe(id.hlc, now_ms) {
                         report.clock_skew.push((id, e));
                     }
