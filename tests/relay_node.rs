@@ -312,6 +312,28 @@ async fn bad_frames_close_only_their_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_reach_a_device_that_finished_its_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(dir.path()).await;
+    let mut client = Client::connect(&relay.addr(), 5).await;
+    client.sign_in().await;
+    let account = client.account();
+    client
+        .send(Message::FetchLog {
+            req: 3,
+            account,
+            from_seq: 0,
+        })
+        .await;
+    client.send.finish().unwrap();
+    assert!(matches!(
+        client.next().await,
+        Message::LogEntries { req: 3, .. }
+    ));
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_relay_keeps_its_key_and_everything_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let relay = start(dir.path()).await;
