@@ -196,14 +196,19 @@ async fn main() {
         bob_tablet.unread_count(&chat).await.unwrap()
     );
     alice_laptop.set_draft(&chat, "see you th").await.unwrap();
-    wait_for(&mut alice_events, "the draft", |e| {
-        matches!(e, Event::ConversationListChanged)
-    })
-    .await;
-    println!(
-        "  alice-phone draft: {:?}",
-        alice_phone.draft(&chat).await.unwrap()
-    );
+    let deadline = Instant::now() + WAIT;
+    let draft = loop {
+        let draft = alice_phone.draft(&chat).await.unwrap();
+        if draft.is_some() || Instant::now() > deadline {
+            break draft;
+        }
+        wait_for(&mut alice_events, "the draft", |e| {
+            matches!(e, Event::ConversationListChanged)
+        })
+        .await;
+    };
+    println!("  alice-phone shows the draft typed on alice-laptop: {draft:?}");
+    assert_eq!(draft.as_deref(), Some("see you th"));
 
     println!("bob-tablet goes offline; alice keeps writing:");
     drop(others);

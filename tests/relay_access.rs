@@ -31,7 +31,9 @@ impl Raw {
         let log = DeviceLog::create(&secret, "raw", "test").unwrap();
         let identity = Identity::from_device(&secret).unwrap();
         let endpoint = roamsync::net::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = roamsync::net::connect(&endpoint, &identity, relay).await.unwrap();
+        let conn = roamsync::net::connect(&endpoint, &identity, relay)
+            .await
+            .unwrap();
         let (s, r) = conn.open_bi().await.unwrap();
         Raw {
             conn,
@@ -75,14 +77,20 @@ impl Raw {
                 log_head: self.log.head(),
             })
             .await;
-        assert!(matches!(hello, Message::HelloOk { log_len: 1, .. }), "{hello:?}");
+        assert!(
+            matches!(hello, Message::HelloOk { log_len: 1, .. }),
+            "{hello:?}"
+        );
     }
 }
 
 async fn relay(dir: &std::path::Path) -> Relay {
-    Relay::start(RelayConfig::new(dir.join("relay"), "127.0.0.1:0".parse().unwrap()))
-        .await
-        .expect("relay starts")
+    Relay::start(RelayConfig::new(
+        dir.join("relay"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .expect("relay starts")
 }
 
 fn error_code(m: &Message) -> Option<ErrorCode> {
@@ -99,7 +107,10 @@ async fn a_non_member_can_neither_read_nor_write_a_conversation() {
     let addr = relay.addr();
     let a = account(dir.path(), "a", &addr).await;
     let b = account(dir.path(), "b", &addr).await;
-    let chat = a.create_conversation("private", &[b.account()]).await.unwrap();
+    let chat = a
+        .create_conversation("private", &[b.account()])
+        .await
+        .unwrap();
     until_listed(&b, &chat).await;
     a.send(&chat, "for members only").await.unwrap();
     until_uploaded(&a).await;
@@ -118,7 +129,11 @@ async fn a_non_member_can_neither_read_nor_write_a_conversation() {
             }],
         })
         .await;
-    assert_eq!(error_code(&answer), Some(ErrorCode::UNAUTHORISED), "{answer:?}");
+    assert_eq!(
+        error_code(&answer),
+        Some(ErrorCode::UNAUTHORISED),
+        "{answer:?}"
+    );
     let answer = mallory
         .request(Message::Fetch {
             req: 4,
@@ -127,7 +142,11 @@ async fn a_non_member_can_neither_read_nor_write_a_conversation() {
             limit: 100,
         })
         .await;
-    assert_eq!(error_code(&answer), Some(ErrorCode::UNAUTHORISED), "{answer:?}");
+    assert_eq!(
+        error_code(&answer),
+        Some(ErrorCode::UNAUTHORISED),
+        "{answer:?}"
+    );
     let answer = mallory
         .request(Message::FetchGroup {
             req: 5,
@@ -135,7 +154,11 @@ async fn a_non_member_can_neither_read_nor_write_a_conversation() {
             from_version: 0,
         })
         .await;
-    assert_eq!(error_code(&answer), Some(ErrorCode::UNAUTHORISED), "{answer:?}");
+    assert_eq!(
+        error_code(&answer),
+        Some(ErrorCode::UNAUTHORISED),
+        "{answer:?}"
+    );
     // Nor can it write, even with a well-formed envelope signed by itself.
     let secret = DeviceSecret::generate(&mut SeedRng::from_seed([66; 32]));
     let header = roamsync::crypto::envelope::EnvelopeHeader {
@@ -160,11 +183,20 @@ async fn a_non_member_can_neither_read_nor_write_a_conversation() {
             envelope,
         })
         .await;
-    assert_eq!(error_code(&answer), Some(ErrorCode::UNAUTHORISED), "{answer:?}");
+    assert_eq!(
+        error_code(&answer),
+        Some(ErrorCode::UNAUTHORISED),
+        "{answer:?}"
+    );
     // The members still talk.
     let mut b_events = b.events();
     let m = a.send(&chat, "still fine").await.unwrap();
-    wait_for(&mut b_events, "message", |e| matches!(e, Event::MessageReceived { id, .. } if *id == m)).await;
+    wait_for(
+        &mut b_events,
+        "message",
+        |e| matches!(e, Event::MessageReceived { id, .. } if *id == m),
+    )
+    .await;
     a.shutdown().await;
     b.shutdown().await;
     relay.shutdown().await;
@@ -181,24 +213,34 @@ async fn garbage_and_oversized_frames_close_that_connection_only() {
     // Garbage: an error reply or a closed stream, then the connection goes away.
     let mut garbage = Raw::connect(&addr, 2).await;
     garbage.send.send_encoded(&[0xff; 64]).await.unwrap();
-    let outcome = tokio::time::timeout(WAIT, garbage.recv.recv()).await.expect("an answer");
+    let outcome = tokio::time::timeout(WAIT, garbage.recv.recv())
+        .await
+        .expect("an answer");
     match outcome {
-        Ok(Some(Frame::Message(Message::Error { code, .. }))) => assert_eq!(code, ErrorCode::MALFORMED),
+        Ok(Some(Frame::Message(Message::Error { code, .. }))) => {
+            assert_eq!(code, ErrorCode::MALFORMED)
+        }
         Ok(None) | Err(_) => {}
         Ok(Some(other)) => panic!("garbage got {other:?}"),
     }
-    tokio::time::timeout(WAIT, garbage.conn.closed()).await.expect("closed");
+    tokio::time::timeout(WAIT, garbage.conn.closed())
+        .await
+        .expect("closed");
 
     // A header claiming a frame far over the limit.
     let mut big = Raw::connect(&addr, 3).await;
     let mut header = vec![1u8, 0x06];
     header.extend_from_slice(&u32::MAX.to_be_bytes());
     big.send.send_encoded(&header).await.unwrap();
-    let outcome = tokio::time::timeout(WAIT, big.recv.recv()).await.expect("an answer");
+    let outcome = tokio::time::timeout(WAIT, big.recv.recv())
+        .await
+        .expect("an answer");
     if let Ok(Some(Frame::Message(m))) = &outcome {
         assert_eq!(error_code(m), Some(ErrorCode::TOO_LARGE), "{m:?}");
     }
-    tokio::time::timeout(WAIT, big.conn.closed()).await.expect("closed");
+    tokio::time::timeout(WAIT, big.conn.closed())
+        .await
+        .expect("closed");
 
     // The honest client is still served.
     let account = honest.log.account();
@@ -209,7 +251,10 @@ async fn garbage_and_oversized_frames_close_that_connection_only() {
             from_seq: 0,
         })
         .await;
-    assert!(matches!(answer, Message::LogEntries { req: 9, .. }), "{answer:?}");
+    assert!(
+        matches!(answer, Message::LogEntries { req: 9, .. }),
+        "{answer:?}"
+    );
     relay.shutdown().await;
 }
 
@@ -227,7 +272,10 @@ async fn the_relay_database_holds_no_plaintext() {
         "PLAINTEXT-DRAFT-0b8e",
         "PLAINTEXT-REACTION-c4",
     ];
-    let chat = a.create_conversation(markers[0], &[b.account()]).await.unwrap();
+    let chat = a
+        .create_conversation(markers[0], &[b.account()])
+        .await
+        .unwrap();
     until_listed(&b, &chat).await;
     let m = a.send(&chat, markers[1]).await.unwrap();
     a.edit(&chat, &m, markers[2]).await.unwrap();
@@ -251,7 +299,14 @@ async fn the_relay_database_holds_no_plaintext() {
         }
         // The conversation id (private to members) never appears either: only hashes of it.
         let id = chat.as_bytes();
-        assert!(!bytes.windows(id.len()).any(|w| w == id), "conversation id in {}", path.display());
+        assert!(
+            !bytes.windows(id.len()).any(|w| w == id),
+            "conversation id in {}",
+            path.display()
+        );
     }
-    assert!(scanned > 10_000, "the relay stored something ({scanned} bytes)");
+    assert!(
+        scanned > 10_000,
+        "the relay stored something ({scanned} bytes)"
+    );
 }

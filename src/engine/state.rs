@@ -25,8 +25,6 @@ pub(crate) struct Group {
     pub addr: Option<DocAddr>,
     /// Updates in version order, each verified.
     pub updates: Vec<GroupUpdate>,
-    /// Versions created here that no relay has acknowledged yet.
-    pub unposted: Vec<u32>,
 }
 
 impl Group {
@@ -104,19 +102,7 @@ pub(crate) fn load_groups(store: &Store) -> Result<HashMap<DocId, Group>, StoreE
                 .map_err(|_| bad())?;
             updates.push(GroupUpdate::decode(raw).map_err(|_| bad())?);
         }
-        let unposted_count = r.u32().map_err(|_| bad())?;
-        let mut unposted = Vec::new();
-        for _ in 0..unposted_count {
-            unposted.push(r.u32().map_err(|_| bad())?);
-        }
-        out.insert(
-            id,
-            Group {
-                addr,
-                updates,
-                unposted,
-            },
-        );
+        out.insert(id, Group { addr, updates });
     }
     Ok(out)
 }
@@ -140,10 +126,6 @@ pub(crate) fn encode_groups(groups: &HashMap<DocId, Group>) -> Vec<u8> {
         w.u32(g.updates.len() as u32);
         for u in &g.updates {
             w.bytes_u32(&u.encode());
-        }
-        w.u32(g.unposted.len() as u32);
-        for v in &g.unposted {
-            w.u32(*v);
         }
     }
     w.into_bytes()

@@ -527,17 +527,22 @@ impl Worker {
                 from_seq: ours,
             });
         }
-        // Groups created here first, so the relay knows them before their documents.
-        let mut unposted: Vec<GroupUpdate> = Vec::new();
-        for g in self.groups.values() {
-            for v in &g.unposted {
-                if let Some(u) = g.updates.get(*v as usize) {
-                    unposted.push(u.clone());
-                }
+        // Updates this relay lacks (made here while offline, or while it was down) go first, so
+        // it knows the groups before their documents. A relay lists the groups this account is
+        // a member of with their latest version.
+        let relay_has: HashMap<DocId, u32> = groups.iter().copied().collect();
+        let me = self.account();
+        let mut missing: Vec<GroupUpdate> = Vec::new();
+        for (id, g) in &self.groups {
+            let still_member = g.latest().is_some_and(|u| u.is_member(&me));
+            if g.addr.is_none() || !still_member {
+                continue;
             }
+            let from = relay_has.get(id).map_or(0, |v| *v as usize + 1);
+            missing.extend(g.updates.iter().skip(from).cloned());
         }
-        unposted.sort_by_key(|u| u.version);
-        for update in unposted {
+        missing.sort_by_key(|u| u.version);
+        for update in missing {
             let (group, version) = (update.group, update.version);
             self.request(relay, Pending::PostGroup { group, version }, |req| {
                 Message::PostGroup { req, update }
@@ -635,12 +640,6 @@ impl Worker {
                     });
                 }
                 self.update_live(relay);
-            }
-            Some(Pending::PostGroup { group, version }) => {
-                if let Some(g) = self.groups.get_mut(&group) {
-                    g.unposted.retain(|v| *v != version);
-                }
-                self.save_groups()?;
             }
             _ => {}
         }
@@ -884,6 +883,20 @@ impl Worker {
             return Err(EngineError::Mismatch {
                 what: "changes and the envelope's author range",
             });
+        }
+        // Messages and reactions name an account; it must be the signing device's.
+        if let DocAddr::Segment(..) = addr {
+            let account = self.device_account.get(&author);
+            let claims = crate::model::claimed_accounts(&batch.changes).ok_or(
+                EngineError::Mismatch {
+                    what: "accounts named in the changes",
+                },
+            )?;
+            if claims.iter().any(|c| Some(c) != account) {
+                return Err(EngineError::Mismatch {
+                    what: "the message or reaction account and the signing device's account",
+                });
+            }
         }
         Ok(Some(batch))
     }
@@ -1354,7 +1367,6 @@ impl Worker {
         let g = self.groups.entry(group).or_default();
         g.addr = Some(addr);
         g.updates.push(update.clone());
-        g.unposted.push(version);
         self.save_groups()?;
         for relay in self.live_relays() {
             let update = update.clone();

@@ -52,3 +52,4 @@ pub use message::{Attachment, Draft, Message, MessageUpdate, Reaction};
 pub use query::{ConversationSummary, Cursor, MessagePreview, Page};
 pub use replica::{ApplyReport, ModelConfig, Replica};
 pub use segment::SegmentInfo;
+pub use validate::claimed_accounts;

@@ -226,3 +226,34 @@ fn op_exists(doc: &Automerge, id: &OpId) -> bool {
     doc.hash_for_opid(&automerge::ObjId::Id(id.0, id.1.clone(), usize::MAX))
         .is_some()
 }
+
+/// The accounts a run of segment changes speaks for: the author account of each message it
+/// writes (`acct`) and the account of each reaction key (`rx/<account>/…`). The sync layer
+/// checks them against the signing device's account, so no member can write as another.
+/// `None` if a change does not decode or names an account malformed.
+pub fn claimed_accounts(changes: &[Change]) -> Option<Vec<crate::ids::AccountId>> {
+    use crate::ids::AccountId;
+    use crate::model::message::{ACCT, REACTION_PREFIX};
+    let mut out = Vec::new();
+    for change in changes {
+        let expanded = decode(change)?;
+        for op in &expanded.operations {
+            let Key::Map(key) = &op.key else {
+                continue;
+            };
+            if key.as_str() == ACCT {
+                if let OpType::Put(automerge::ScalarValue::Bytes(b)) = &op.action {
+                    out.push(AccountId::from_bytes(b.as_slice().try_into().ok()?));
+                } else if !matches!(op.action, OpType::Delete) {
+                    return None;
+                }
+            } else if let Some(rest) = key.strip_prefix(REACTION_PREFIX) {
+                let hex = rest.split('/').next()?;
+                out.push(AccountId::parse_hex(hex).ok()?);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
+}

@@ -303,3 +303,23 @@ fn updates_of_existing_messages_are_reported_by_kind() {
             .contains(&(c, m, MessageUpdate::Recalled))
     );
 }
+
+#[test]
+fn claimed_accounts_name_message_authors_and_reactors() {
+    use crate::model::claimed_accounts;
+    let mut a = replica(1, 1, 16);
+    let c = a.create_conversation(T0, "claims", &[account(2)]).unwrap();
+    let m = a.send(T0 + 1, &c, &Draft::text("mine")).unwrap();
+    a.react(&c, &m, "👍", true).unwrap();
+    let segment = DocAddr::Segment(c, 0);
+    let batch = a.changes_since(&segment, &VersionVector::new()).unwrap();
+    assert_eq!(claimed_accounts(&batch.changes), Some(vec![account(1)]));
+    // A device that writes as another account is visible as such: the sync layer refuses it.
+    let mut forger = replica(9, 1, 16);
+    let c2 = forger.create_conversation(T0, "x", &[account(2)]).unwrap();
+    forger.send(T0 + 1, &c2, &Draft::text("as someone else")).unwrap();
+    let batch = forger
+        .changes_since(&DocAddr::Segment(c2, 0), &VersionVector::new())
+        .unwrap();
+    assert_eq!(claimed_accounts(&batch.changes), Some(vec![account(9)]));
+}
