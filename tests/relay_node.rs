@@ -312,6 +312,28 @@ async fn bad_frames_close_only_their_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_reach_a_device_that_finished_its_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(dir.path()).await;
+    let mut client = Client::connect(&relay.addr(), 5).await;
+    client.sign_in().await;
+    let account = client.account();
+    client
+        .send(Message::FetchLog {
+            req: 3,
+            account,
+            from_seq: 0,
+        })
+        .await;
+    client.send.finish().unwrap();
+    assert!(matches!(
+        client.next().await,
+        Message::LogEntries { req: 3, .. }
+    ));
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_relay_keeps_its_key_and_everything_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let relay = start(dir.path()).await;
@@ -384,6 +406,75 @@ async fn a_restarted_relay_keeps_its_key_and_everything_acknowledged() {
         }
     }
     assert_eq!(got, 200);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_acknowledges_every_append_it_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(dir.path()).await;
+    let addr = relay.addr();
+    let mut alice = Client::connect(&addr, 1).await;
+    alice.sign_in().await;
+    let update = alice.update(0, vec![alice.account()]);
+    alice.request(Message::PostGroup { req: 3, update }).await;
+    let total = 2_000u64;
+    for seq in 1..=total {
+        alice
+            .send(Message::Append {
+                req: 100 + seq as u32,
+                group: group(),
+                envelope: alice.envelope(segment(), seq),
+            })
+            .await;
+    }
+    // Stop while appends are in flight.
+    assert!(matches!(alice.next().await, Message::Ack { .. }));
+    let stopping = tokio::spawn(relay.shutdown());
+    let mut acked = 1;
+    loop {
+        match tokio::time::timeout(WAIT, alice.recv.recv()).await {
+            Ok(Ok(Some(Frame::Message(Message::Ack { .. })))) => acked += 1,
+            Ok(Ok(None)) | Ok(Err(_)) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    stopping.await.unwrap();
+    // Everything stored was acknowledged, and everything acknowledged was stored.
+    let relay = start(dir.path()).await;
+    let mut again = Client::connect(&relay.addr(), 1).await;
+    let account = again.account();
+    again
+        .request(Message::Hello {
+            req: 1,
+            account,
+            log_len: 1,
+            log_head: again.log.head(),
+        })
+        .await;
+    let mut stored = 0;
+    let mut after_seq = 0;
+    loop {
+        match again
+            .request(Message::Fetch {
+                req: 2,
+                doc: segment(),
+                after_seq,
+                limit: 0,
+            })
+            .await
+        {
+            Message::Envelopes { items, more, .. } => {
+                stored += items.len();
+                after_seq = items.last().map_or(after_seq, |i| i.seq);
+                if !more {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(stored, acked);
     relay.shutdown().await;
 }
 

@@ -184,11 +184,12 @@ pub enum Output {
         /// Most envelopes (already capped by the core).
         limit: u32,
     },
-    /// Make `op` durable, then execute `then`.
+    /// Make `op` durable (after the store writes emitted before it), then execute `then`.
     Persist {
         /// The write.
         op: PersistOp,
-        /// What depends on it.
+        /// What depends on it: sends, pushes, closes and reads, never store writes (so executing
+        /// them late cannot reorder writes).
         then: Vec<Output>,
     },
     /// Something worth logging.

@@ -112,6 +112,13 @@ impl Actor {
             "relay shutting down"
         );
         accept.abort();
+        // Requests already read are still served; connections can queue no more.
+        events.close();
+        if failure.is_none() {
+            while let Ok(ev) = events.try_recv() {
+                self.handle_event(ev);
+            }
+        }
         drop(events);
         self.pipeline = None;
         while let Some(ev) = store_rx.recv().await {

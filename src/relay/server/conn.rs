@@ -189,10 +189,18 @@ async fn serve(
     if events.send(connected).await.is_err() {
         return;
     }
+    // The connection is the core's until it is closed: a device may finish its stream and still
+    // wait for answers. A shutdown closes every connection itself.
+    let reading = async {
+        let reason = read_frames(id, FramedRecv::new(recv), &events, &tx).await;
+        tracing::debug!(conn = id.0, %reason, "stopped reading");
+        conn.closed().await;
+        reason
+    };
     let reason = tokio::select! {
-        r = read_frames(id, FramedRecv::new(recv), &events, &tx) => r,
+        r = reading => r,
         r = read_datagrams(id, &conn, &events) => r,
-        _ = wait_for_stop(shutdown) => "relay shutting down".to_owned(),
+        _ = wait_for_stop(shutdown) => return,
     };
     tracing::info!(conn = id.0, %device, %reason, "connection closed");
     let _ = events
@@ -318,7 +326,11 @@ async fn write_loop(
                     close(send, &conn, code, &reason).await;
                     return;
                 }
-                None => break,
+                // Nobody can queue more: the connection is over.
+                None => {
+                    close(send, &conn, ErrorCode(0), "connection ended").await;
+                    return;
+                }
             },
             Some(msg) = pushes.recv() => (msg, false),
         };
@@ -333,14 +345,19 @@ async fn write_loop(
             return;
         }
     }
-    let _ = send.finish();
 }
 
-/// Finishes the stream, waits a moment for the peer to receive it, and closes the connection.
+/// Finishes the stream and closes the connection once the peer has had a moment to read what
+/// was sent: a peer that reads the stream to its end closes the connection itself (closing it
+/// first could discard data the peer received but had not read yet).
 async fn close(mut send: FramedSend, conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     let _ = send.finish();
     let stream = send.into_inner();
-    let _ = tokio::time::timeout(Duration::from_millis(CLOSE_LINGER_MS), stream.stopped()).await;
+    let linger = async {
+        let _ = stream.stopped().await;
+        conn.closed().await
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(CLOSE_LINGER_MS), linger).await;
     let reason = reason.as_bytes();
     conn.close(
         VarInt::from_u32(u32::from(code.0)),

@@ -337,7 +337,17 @@ fn arbitrary_input_sequences_keep_the_invariants() {
             let mut pending = core.handle(input, now_ms);
             while let Some(o) = pending.pop() {
                 match o {
-                    Output::Persist { then, .. } => pending.extend(then),
+                    Output::Persist { then, .. } => {
+                        // Executed late, so never a store write (which would reorder writes).
+                        assert!(
+                            !then.iter().any(|o| matches!(
+                                o,
+                                Output::Persist { .. } | Output::Append { .. }
+                            )),
+                            "seed {seed} step {step}: a store write waits for a persist"
+                        );
+                        pending.extend(then);
+                    }
                     Output::Append {
                         conn,
                         req,
