@@ -528,6 +528,19 @@ impl Replica {
         self.unread_in(self.conversation(conversation)?)
     }
 
+    /// The unread count computed from scratch, ignoring the cache: what tests compare with.
+    #[cfg(test)]
+    pub(crate) fn unread_count_uncached(&self, conversation: &ConversationId) -> u64 {
+        let c = self
+            .conversation(conversation)
+            .expect("a known conversation");
+        let saved = c.unread_cache();
+        c.forget_unread();
+        let n = self.unread_in(c).expect("loaded");
+        c.set_unread_cache(saved);
+        n
+    }
+
     fn unread_in(&self, c: &Conversation) -> Result<u64, ModelError> {
         let id = c.id();
         let read = self

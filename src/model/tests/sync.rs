@@ -325,3 +325,44 @@ fn claimed_accounts_name_message_authors_and_reactors() {
         .unwrap();
     assert_eq!(claimed_accounts(&batch.changes), Some(vec![account(9)]));
 }
+
+#[test]
+fn cached_unread_counts_match_a_fresh_count_through_late_arrivals_recalls_and_hides() {
+    let mut a = replica(1, 1, 4);
+    let mut c2 = replica(3, 3, 4);
+    let mut b = replica(2, 2, 4);
+    let c = a
+        .create_conversation(T0, "unread", &[account(2), account(3)])
+        .unwrap();
+    sync(&a, &mut c2, T0 + 1);
+    sync(&a, &mut b, T0 + 1);
+    let check = |b: &crate::model::Replica, step: &str| {
+        let cached = b.unread_count(&c).unwrap();
+        assert_eq!(cached, b.unread_count_uncached(&c), "{step}");
+        cached
+    };
+    // C writes offline (older timestamps), A writes now; B counts A's first.
+    let late: Vec<_> = (0..3)
+        .map(|i| c2.send(T0 + 2 + i, &c, &Draft::text("late")).unwrap())
+        .collect();
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        sent.push(a.send(T0 + 100 + i, &c, &Draft::text("now")).unwrap());
+    }
+    sync(&a, &mut b, T0 + 200);
+    assert_eq!(check(&b, "after A's messages"), 10);
+    sync(&c2, &mut b, T0 + 201);
+    assert_eq!(check(&b, "after late arrivals below the cached newest"), 13);
+    a.recall(&c, &sent[9]).unwrap();
+    sync(&a, &mut b, T0 + 202);
+    assert_eq!(check(&b, "after a recall"), 12);
+    b.hide_message(&c, &late[0]).unwrap();
+    assert_eq!(check(&b, "after a hide"), 11);
+    b.mark_read(&c, &sent[4]).unwrap();
+    assert_eq!(check(&b, "after reading"), 4);
+    b.send(T0 + 300, &c, &Draft::text("mine")).unwrap();
+    assert_eq!(check(&b, "after own message"), 0);
+    a.send(T0 + 400, &c, &Draft::text("new")).unwrap();
+    sync(&a, &mut b, T0 + 401);
+    assert_eq!(check(&b, "after a new message past the cache"), 1);
+}
