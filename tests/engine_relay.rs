@@ -187,12 +187,16 @@ async fn a_killed_relay_loses_nothing_acknowledged_and_devices_resume() {
             node.child.wait().unwrap();
         }
     }
+    let t = Instant::now();
     let restarted = start_node(&data, port);
+    eprintln!("restart took {:?}", t.elapsed());
     assert_eq!(restarted.addr, addr, "the relay keeps its key and address");
     // Nobody is told: both devices reconnect by themselves, the outbox is flushed again
     // (the relay deduplicates), and B pulls what it missed.
     until_uploaded(&a).await;
+    eprintln!("uploaded after {:?}", t.elapsed());
     let got = until_history(&b, &chat, total).await;
+    eprintln!("b caught up after {:?}", t.elapsed());
     assert_eq!(got, until_history(&a, &chat, total).await);
     a.shutdown().await;
     b.shutdown().await;

@@ -112,12 +112,13 @@ async fn session(
     let writer = async move {
         while let Some(out) = out_rx.recv().await {
             match out {
-                Outgoing::Message(msg) => framed_send.send(&Frame::Message(msg)).await?,
+                Outgoing::Message(msg) => framed_send.send(&Frame::Message(*msg)).await?,
                 // A datagram that does not fit or finds no room is dropped: typing signals
                 // are best effort.
                 Outgoing::Datagram(bytes) => {
                     let _ = writer_conn.send_datagram(bytes.into());
                 }
+                Outgoing::Reconnect => return Ok(()),
             }
         }
         Ok::<(), NetError>(())
@@ -127,7 +128,10 @@ async fn session(
             match framed_recv.recv().await? {
                 Some(Frame::Message(msg)) => {
                     if worker
-                        .send(Input::Net(NetEvent::Message { relay: index, msg }))
+                        .send(Input::Net(NetEvent::Message {
+                            relay: index,
+                            msg: Box::new(msg),
+                        }))
                         .is_err()
                     {
                         return Ok(());

@@ -350,14 +350,28 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
-) -> impl std::future::Future<Output = Result<T, EngineError>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|_| EngineError::Closed)?
+/// Tells the worker a second passed, until stopped.
+async fn tick(worker: mpsc::UnboundedSender<Input>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                if worker.send(Input::Tick).is_err() {
+                    return;
+                }
+            }
+            _ = stop.changed() => return,
+        }
     }
+}
+
+/// Runs store work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| EngineError::Closed)?
 }
 
 impl Engine {
@@ -551,7 +565,7 @@ impl Engine {
             .spawn(move || worker.run(rx))
             .map_err(|e| EngineError::Randomness(format!("cannot start the worker thread: {e}")))?;
         let (stop, stop_rx) = watch::channel(false);
-        let tasks = config
+        let mut tasks: Vec<tokio::task::JoinHandle<()>> = config
             .relays
             .iter()
             .enumerate()
@@ -566,6 +580,7 @@ impl Engine {
                 ))
             })
             .collect();
+        tasks.push(tokio::spawn(tick(tx.clone(), stop_rx.clone())));
         Ok(Engine {
             tx,
             events,

@@ -128,7 +128,6 @@ impl Session {
     }
 
     /// Open requests.
-    #[cfg(test)]
     pub fn open_requests(&self) -> usize {
         self.pending.len()
     }

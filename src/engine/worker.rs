@@ -31,6 +31,12 @@ use crate::wire::message::{
 pub const MAX_INPUTS_PER_TURN: usize = 4_096;
 /// How long a device-link invitation stays valid.
 pub const INVITE_TTL_MS: u64 = 5 * 60 * 1000;
+/// How long a relay may stay silent while requests to it are open before the connection is
+/// taken for dead and made again (QUIC alone would wait for its idle timeout).
+pub const SILENT_RELAY_MS: u64 = 5_000;
+/// After this long without hearing from a relay, an idle device asks it something small (its
+/// own device log's tail), so a dead connection is found by [`SILENT_RELAY_MS`].
+pub const HEARTBEAT_MS: u64 = 5_000;
 /// Plaintext of a typing signal: conversation id (16) + account (32) + flag (1).
 const TYPING_LEN: usize = 16 + 32 + 1;
 
@@ -48,8 +54,8 @@ pub(crate) enum NetEvent {
         reason: String,
         retry_in_ms: u64,
     },
-    /// A message arrived.
-    Message { relay: usize, msg: Message },
+    /// A message arrived (boxed: messages are large, other events small).
+    Message { relay: usize, msg: Box<Message> },
     /// A datagram arrived.
     Datagram { relay: usize, bytes: Vec<u8> },
 }
@@ -57,10 +63,12 @@ pub(crate) enum NetEvent {
 /// What the worker sends to a connection task.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
-    /// A message on the connection's stream.
-    Message(Message),
+    /// A message on the connection's stream (boxed: messages are large, datagrams small).
+    Message(Box<Message>),
     /// A datagram.
     Datagram(Vec<u8>),
+    /// Drop this connection and make a new one.
+    Reconnect,
 }
 
 /// A call from the app, run on the worker.
@@ -76,6 +84,8 @@ pub(crate) enum Input {
     Run(Job),
     /// Network input.
     Net(NetEvent),
+    /// A second passed.
+    Tick,
     /// Stop after this turn.
     Shutdown,
 }
@@ -95,6 +105,8 @@ struct Relay {
     session: Session,
     out: Option<mpsc::UnboundedSender<Outgoing>>,
     state: ConnectionState,
+    /// When the relay last sent anything.
+    heard_ms: u64,
 }
 
 /// An envelope waiting for a relay's acknowledgement.
@@ -269,6 +281,7 @@ impl Worker {
                 session: Session::new(cursors),
                 out: None,
                 state: ConnectionState::Connecting,
+                heard_ms: 0,
             });
         }
         // Changes made before a crash between storing them and sealing them are sealed now.
@@ -322,20 +335,20 @@ impl Worker {
 
     fn turn(&mut self, inputs: Vec<Input>) {
         let mut arrivals: BTreeMap<DocId, Arrivals> = BTreeMap::new();
-        let mut after: Vec<(usize, Message)> = Vec::new();
         for input in inputs {
             match input {
-                Input::Net(NetEvent::Message {
-                    relay,
-                    msg:
-                        Message::Envelopes {
-                            req,
-                            doc,
-                            items,
-                            more,
-                        },
-                }) => {
-                    self.gather(relay, req, doc, items, more, &mut arrivals);
+                Input::Net(NetEvent::Message { relay, msg })
+                    if matches!(*msg, Message::Envelopes { .. }) =>
+                {
+                    if let Message::Envelopes {
+                        req,
+                        doc,
+                        items,
+                        more,
+                    } = *msg
+                    {
+                        self.gather(relay, req, doc, items, more, &mut arrivals);
+                    }
                 }
                 other => {
                     // Keep order: what came before this input is applied first.
@@ -344,7 +357,8 @@ impl Worker {
                     }
                     match other {
                         Input::Run(job) => job(self),
-                        Input::Net(ev) => self.handle_net(ev, &mut after),
+                        Input::Net(ev) => self.handle_net(ev),
+                        Input::Tick => self.check_silent_relays(now_ms()),
                         Input::Shutdown => self.stopping = true,
                     }
                 }
@@ -354,9 +368,6 @@ impl Worker {
             self.apply_arrivals(arrivals);
         }
         self.commit_turn();
-        for (relay, msg) in after {
-            self.send(relay, msg);
-        }
     }
 
     /// Queues the answer to a local operation until the turn's commit.
@@ -403,7 +414,36 @@ impl Worker {
 
     // ---- network input ---------------------------------------------------------------------
 
-    fn handle_net(&mut self, ev: NetEvent, after: &mut Vec<(usize, Message)>) {
+    /// Reconnects to relays that went silent with requests open.
+    fn check_silent_relays(&mut self, now: u64) {
+        let (account, from_seq) = (self.account(), self.log.len() as u32);
+        for i in 0..self.relays.len() {
+            let r = &mut self.relays[i];
+            let Some(out) = &r.out else {
+                continue;
+            };
+            let quiet_ms = now.saturating_sub(r.heard_ms);
+            if r.session.open_requests() > 0 {
+                if quiet_ms > SILENT_RELAY_MS {
+                    tracing::info!(relay = %r.addr, "relay silent with requests open; reconnecting");
+                    let _ = out.send(Outgoing::Reconnect);
+                }
+            } else if quiet_ms > HEARTBEAT_MS {
+                self.request(i, Pending::FetchLog(account), |req| Message::FetchLog {
+                    req,
+                    account,
+                    from_seq,
+                });
+            }
+        }
+    }
+
+    fn handle_net(&mut self, ev: NetEvent) {
+        if let NetEvent::Message { relay, .. } | NetEvent::Connected { relay, .. } = &ev {
+            if let Some(r) = self.relays.get_mut(*relay) {
+                r.heard_ms = now_ms();
+            }
+        }
         match ev {
             NetEvent::Connected { relay, out } => self.on_connected(relay, out),
             NetEvent::Disconnected {
@@ -425,7 +465,7 @@ impl Worker {
                 }
             }
             NetEvent::Message { relay, msg } => {
-                if let Err(e) = self.on_message(relay, msg, after) {
+                if let Err(e) = self.on_message(relay, *msg) {
                     tracing::warn!(relay, error = %e, "relay message not handled");
                 }
             }
@@ -435,7 +475,7 @@ impl Worker {
     fn send(&mut self, relay: usize, msg: Message) {
         if let Some(out) = self.relays.get(relay).and_then(|r| r.out.as_ref()) {
             // A closed queue means the connection just ended; the session resends on reconnect.
-            let _ = out.send(Outgoing::Message(msg));
+            let _ = out.send(Outgoing::Message(Box::new(msg)));
         }
     }
 
@@ -474,12 +514,7 @@ impl Worker {
         self.emit_status();
     }
 
-    fn on_message(
-        &mut self,
-        relay: usize,
-        msg: Message,
-        after: &mut Vec<(usize, Message)>,
-    ) -> Result<(), EngineError> {
+    fn on_message(&mut self, relay: usize, msg: Message) -> Result<(), EngineError> {
         let req = msg.req();
         let pending = if req == 0 {
             None
@@ -522,7 +557,7 @@ impl Worker {
                 request,
             } => self.on_pair_requested(relay, rendezvous, request),
             Message::Error { code, text, .. } => {
-                self.on_error(relay, pending, code, text, after);
+                self.on_error(relay, pending, code, text);
                 Ok(())
             }
             other => {
@@ -631,10 +666,10 @@ impl Worker {
             r.session.start_catch_up(&docs);
             let req = r.session.request(Pending::Subscribe(docs));
             if let Some(out) = &r.out {
-                let _ = out.send(Outgoing::Message(Message::Subscribe {
+                let _ = out.send(Outgoing::Message(Box::new(Message::Subscribe {
                     req,
                     items: chunk.to_vec(),
-                }));
+                })));
             }
         }
     }
@@ -663,23 +698,20 @@ impl Worker {
     }
 
     fn on_done(&mut self, relay: usize, pending: Option<Pending>) -> Result<(), EngineError> {
-        match pending {
-            Some(Pending::Subscribe(docs)) => {
-                let fetch = match self.relays.get_mut(relay) {
-                    Some(r) => r.session.end_catch_up(&docs),
-                    None => return Ok(()),
-                };
-                for (doc, after_seq) in fetch {
-                    self.request(relay, Pending::Fetch(doc), |req| Message::Fetch {
-                        req,
-                        doc,
-                        after_seq,
-                        limit: FETCH_LIMIT,
-                    });
-                }
-                self.update_live(relay);
+        if let Some(Pending::Subscribe(docs)) = pending {
+            let fetch = match self.relays.get_mut(relay) {
+                Some(r) => r.session.end_catch_up(&docs),
+                None => return Ok(()),
+            };
+            for (doc, after_seq) in fetch {
+                self.request(relay, Pending::Fetch(doc), |req| Message::Fetch {
+                    req,
+                    doc,
+                    after_seq,
+                    limit: FETCH_LIMIT,
+                });
             }
-            _ => {}
+            self.update_live(relay);
         }
         Ok(())
     }
@@ -693,14 +725,7 @@ impl Worker {
         }
     }
 
-    fn on_error(
-        &mut self,
-        relay: usize,
-        pending: Option<Pending>,
-        code: ErrorCode,
-        text: String,
-        after: &mut Vec<(usize, Message)>,
-    ) {
+    fn on_error(&mut self, relay: usize, pending: Option<Pending>, code: ErrorCode, text: String) {
         tracing::warn!(relay, ?code, %text, ?pending, "relay refused a request");
         match pending {
             Some(Pending::Append { outbox }) if code == ErrorCode::REJECTED => {
@@ -725,7 +750,6 @@ impl Worker {
             }
             _ => {}
         }
-        let _ = after;
         self.emit(Event::RelayError { code, text });
     }
 
@@ -1160,6 +1184,10 @@ impl Worker {
         first_seq: u32,
         entries: Vec<crate::crypto::device_log::DeviceLogEntry>,
     ) -> Result<(), EngineError> {
+        if entries.is_empty() {
+            self.wake_log_waiters(&account);
+            return Ok(());
+        }
         if account == self.account() {
             let before: HashSet<DeviceId> = self
                 .log
@@ -1185,9 +1213,6 @@ impl Worker {
             if !self.log.is_current(&self.device()) {
                 tracing::warn!("this device was revoked");
             }
-        } else if entries.is_empty() {
-            self.wake_log_waiters(&account);
-            return Ok(());
         } else if first_seq == 0 && !self.logs.contains_key(&account) {
             let log = match self.logs.remove(&account) {
                 Some(mut known) => {

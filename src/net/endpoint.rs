@@ -87,7 +87,15 @@ pub fn server_endpoint(identity: &Identity, bind: SocketAddr) -> Result<quinn::E
     let crypto = QuicServerConfig::try_from(tls::server_config(identity)?)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config()));
-    quinn::Endpoint::server(config, bind).map_err(|source| NetError::Bind { addr: bind, source })
+    let endpoint_config = quinn::EndpointConfig::new(identity.reset_key());
+    let socket =
+        std::net::UdpSocket::bind(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let runtime = quinn::default_runtime().ok_or_else(|| NetError::Bind {
+        addr: bind,
+        source: std::io::Error::other("no async runtime"),
+    })?;
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+        .map_err(|source| NetError::Bind { addr: bind, source })
 }
 
 /// An endpoint that only makes outgoing connections, bound to `bind` (usually port 0). Needs a

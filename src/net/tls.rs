@@ -33,7 +33,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
     PeerIncompatible, PeerMisbehaved, ServerConfig, SignatureScheme,
 };
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::identity::DeviceSecret;
 use crate::ids::DeviceId;
@@ -127,9 +127,18 @@ fn hex(bytes: &[u8]) -> String {
 pub struct Identity {
     device: DeviceId,
     certified: Arc<CertifiedKey>,
+    /// Key of QUIC stateless resets, derived from the device key: a server that restarts
+    /// (even after a crash) can still reset connections of its previous life, so clients
+    /// notice at once instead of at their idle timeout.
+    reset_key: Arc<ring::hmac::Key>,
 }
 
 impl Identity {
+    /// The key of QUIC stateless resets (see the field).
+    pub(crate) fn reset_key(&self) -> Arc<ring::hmac::Key> {
+        Arc::clone(&self.reset_key)
+    }
+
     /// Builds the identity of `secret`'s device.
     pub fn from_device(secret: &DeviceSecret) -> Result<Identity, NetError> {
         let device = secret.device_id();
@@ -159,9 +168,13 @@ impl Identity {
             }
             .into());
         }
+        let mut reset_seed = blake3::derive_key("roamsync 2026 quic stateless reset", &*seed);
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_seed);
+        reset_seed.zeroize();
         Ok(Identity {
             device,
             certified: Arc::new(certified),
+            reset_key: Arc::new(reset_key),
         })
     }
 
