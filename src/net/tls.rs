@@ -195,6 +195,10 @@ impl Identity {
         Identity {
             device,
             certified: Arc::new(certified),
+            reset_key: Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                device.as_bytes(),
+            )),
         }
     }
 
