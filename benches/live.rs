@@ -109,8 +109,24 @@ fn main() {
         }
         return;
     }
+    if std::env::var("RUST_LOG").is_ok() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let s = seconds();
     print_header();
+    // `LIVE_CASE=<rate>,<history>` runs that one case on roamsync only.
+    if let Ok(spec) = std::env::var("LIVE_CASE") {
+        let parts: Vec<u32> = spec.split(',').filter_map(|p| p.trim().parse().ok()).collect();
+        let [rate, history] = parts[..] else {
+            panic!("LIVE_CASE must be <rate>,<history>, not {spec:?}");
+        };
+        let cfg = case(rate, history, s);
+        print_row("roamsync", &cfg, &run_roamsync_live(&cfg, Durability::Full));
+        return;
+    }
     // The same workload on both, in the same run.
     for (rate, history) in [(100, 1_000), (300, 1_000), (50, 50_000)] {
         let cfg = case(rate, history, s);

@@ -106,40 +106,39 @@ async fn run(cfg: LiveConfig, durability: Durability) -> LiveResult {
         }
         sent_history += n;
     }
-    let mut seen = 0u32;
+    // Every history message is unread on B (it never reads): the count says when B has them all.
     let deadline = Instant::now() + Duration::from_secs(600);
-    while seen < cfg.history {
-        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
-            Ok(Ok(Event::MessageReceived { .. })) => seen += 1,
-            // Skipped events during a large prefill are (almost all) messages.
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
-                seen += u32::try_from(n).unwrap_or(u32::MAX)
-            }
-            Ok(_) => {}
-            Err(_) => panic!("history never reached B ({seen}/{})", cfg.history),
+    loop {
+        let n = b.unread_count(&chat).await.unwrap_or(0);
+        if n >= u64::from(cfg.history) {
+            break;
         }
+        assert!(Instant::now() < deadline, "history never reached B ({n}/{})", cfg.history);
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Events of the history are not part of the measurement.
+    while events.try_recv().is_ok() {}
 
     // Measured run.
     let received: Arc<Mutex<HashMap<MessageId, Instant>>> = Arc::default();
     let want = cfg.messages as usize;
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let listener = {
         let received = received.clone();
         tokio::spawn(async move {
             loop {
-                match events.recv().await {
-                    Ok(Event::MessageReceived { id, .. }) => {
-                        let mut r = received.lock().expect("lock");
-                        r.insert(id, Instant::now());
-                        if r.len() >= want {
-                            return;
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(Event::MessageReceived { id, .. }) => {
+                            received.lock().expect("lock").insert(id, Instant::now());
                         }
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        panic!("the benchmark's event reader lagged by {n}")
-                    }
-                    Err(_) => return,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            panic!("the benchmark's event reader lagged by {n}")
+                        }
+                        Err(_) => return,
+                    },
+                    _ = &mut stop_rx => return,
                 }
             }
         })
@@ -162,7 +161,19 @@ async fn run(cfg: LiveConfig, durability: Durability) -> LiveResult {
         sent.push(s.await.expect("task"));
     }
     let last_send = Instant::now();
-    let _ = tokio::time::timeout(DRAIN, listener).await;
+    // Wait until B holds every measured message, or the drain window ends.
+    while last_send.elapsed() < DRAIN {
+        let done = {
+            let r = received.lock().expect("lock");
+            sent.iter().all(|(id, _)| r.contains_key(id))
+        };
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = stop_tx.send(());
+    listener.await.expect("the event reader");
     let received = received.lock().expect("lock").clone();
     let latencies: Vec<Option<u64>> = sent
         .iter()
