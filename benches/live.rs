@@ -119,7 +119,10 @@ fn main() {
     print_header();
     // `LIVE_CASE=<rate>,<history>` runs that one case on roamsync only.
     if let Ok(spec) = std::env::var("LIVE_CASE") {
-        let parts: Vec<u32> = spec.split(',').filter_map(|p| p.trim().parse().ok()).collect();
+        let parts: Vec<u32> = spec
+            .split(',')
+            .filter_map(|p| p.trim().parse().ok())
+            .collect();
         let [rate, history] = parts[..] else {
             panic!("LIVE_CASE must be <rate>,<history>, not {spec:?}");
         };

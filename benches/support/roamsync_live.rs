@@ -113,7 +113,11 @@ async fn run(cfg: LiveConfig, durability: Durability) -> LiveResult {
         if n >= u64::from(cfg.history) {
             break;
         }
-        assert!(Instant::now() < deadline, "history never reached B ({n}/{})", cfg.history);
+        assert!(
+            Instant::now() < deadline,
+            "history never reached B ({n}/{})",
+            cfg.history
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Events of the history are not part of the measurement.

@@ -144,6 +144,9 @@ pub(crate) struct Worker {
     log_waiters: Vec<LogWaiter>,
     /// Local operations of this turn, answered after the group commit.
     replies: Vec<Reply>,
+    /// Cursors that moved this turn (relay key, document, sequence number), stored with the
+    /// turn's commit: never before the changes they cover.
+    pending_cursors: Vec<([u8; 32], DocAddr, u64)>,
     pub(crate) stopping: bool,
 }
 
@@ -225,6 +228,7 @@ impl Worker {
             invites: HashMap::new(),
             log_waiters: Vec::new(),
             replies: Vec::new(),
+            pending_cursors: Vec::new(),
             stopping: false,
         };
         w.index_devices();
@@ -378,7 +382,8 @@ impl Worker {
     /// Group commit of the turn's local operations: one transaction for all of them, one
     /// envelope per document, then the answers.
     fn commit_turn(&mut self) {
-        if self.replies.is_empty() {
+        let changed = !self.replica.unsaved_docs().is_empty();
+        if self.replies.is_empty() && !changed && self.pending_cursors.is_empty() {
             return;
         }
         // The new changes are sealed first and go into the outbox in the same transaction as
@@ -393,14 +398,23 @@ impl Worker {
             }
         };
         let mut ids = Vec::new();
+        let cursors = std::mem::take(&mut self.pending_cursors);
         let failed = self
             .replica
             .flush_with(|tx| {
                 ids = write_sealed(tx, &sealed)?;
+                for (relay, addr, seq) in &cursors {
+                    tx.set_cursor(relay, addr, *seq)?;
+                }
                 Ok(())
             })
             .err()
             .map(|e| e.to_string());
+        if let Some(e) = &failed {
+            // Nothing of the turn is stored: remote changes and their cursors come again.
+            tracing::error!(error = %e, "storing the turn failed");
+            self.emit(Event::StorageError { text: e.clone() });
+        }
         if failed.is_none() {
             self.record_sealed(sealed, ids);
             if let Err(e) = self.after_local() {
@@ -784,30 +798,22 @@ impl Worker {
                 Some(r) => r.session.on_pushed(doc, seq, prev),
                 None => return Ok(()),
             };
-            self.store_cursors(vec![(relay, doc, step)])?;
+            self.store_cursors(vec![(relay, doc, step)]);
         }
         Ok(())
     }
 
-    /// Stores the cursors of a turn in one transaction, then asks for what a gap showed.
-    fn store_cursors(&mut self, steps: Vec<(usize, DocId, CursorStep)>) -> Result<(), EngineError> {
-        let mut writes = Vec::new();
+    /// Queues moved cursors for the turn's commit, then asks for what a gap showed.
+    fn store_cursors(&mut self, steps: Vec<(usize, DocId, CursorStep)>) {
         for (relay, doc, step) in &steps {
             if let (Some(seq), Some(addr), Some(r)) = (
                 step.advanced_to,
                 self.docs.get(doc),
                 self.relays.get(*relay),
             ) {
-                writes.push((*r.addr.key.as_bytes(), *addr, seq));
+                self.pending_cursors
+                    .push((*r.addr.key.as_bytes(), *addr, seq));
             }
-        }
-        if !writes.is_empty() {
-            self.replica.store().write(|tx| {
-                for (relay, addr, seq) in &writes {
-                    tx.set_cursor(relay, addr, *seq)?;
-                }
-                Ok(())
-            })?;
         }
         for (relay, doc, step) in steps {
             if let Some(after_seq) = step.fetch_after {
@@ -819,7 +825,6 @@ impl Worker {
                 });
             }
         }
-        Ok(())
     }
 
     // ---- envelopes -------------------------------------------------------------------------
@@ -898,27 +903,19 @@ impl Worker {
             self.replica.defer_writes(true);
             let applied = self.replica.apply(now, batches);
             self.replica.defer_writes(false);
-            let stored = match applied {
-                Ok(report) => {
-                    self.after_apply(report);
-                    self.replica.flush()
+            match applied {
+                Ok(report) => self.after_apply(report),
+                Err(e) => {
+                    tracing::error!(error = %e, "applying remote changes failed");
+                    self.emit(Event::StorageError {
+                        text: e.to_string(),
+                    });
+                    return;
                 }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = stored {
-                tracing::error!(error = %e, "applying remote changes failed");
-                self.emit(Event::StorageError {
-                    text: e.to_string(),
-                });
-                return;
             }
         }
-        if let Err(e) = self.store_cursors(steps) {
-            tracing::error!(error = %e, "storing cursors failed");
-        }
-        if let Err(e) = self.after_local() {
-            tracing::error!(error = %e, "sealing repairs failed");
-        }
+        // Stored with the changes at the end of the turn (`commit_turn`).
+        self.store_cursors(steps);
     }
 
     /// Checks an envelope of `addr` and returns its changes. `None` for a snapshot (not
