@@ -157,12 +157,22 @@ async fn run(cfg: LiveConfig, durability: Durability) -> LiveResult {
         sends.push(tokio::spawn(async move {
             let t0 = Instant::now();
             let id = a.send(&chat, &text).await.expect("send");
-            (id, t0)
+            (id, t0, t0.elapsed())
         }));
     }
     let mut sent = Vec::with_capacity(want);
+    let mut send_times = Vec::with_capacity(want);
     for s in sends {
-        sent.push(s.await.expect("task"));
+        let (id, t0, took) = s.await.expect("task");
+        sent.push((id, t0));
+        send_times.push(took);
+    }
+    send_times.sort();
+    if let Some(median) = send_times.get(send_times.len() / 2) {
+        eprintln!(
+            "roamsync live: the durable send call took {median:?} (median) at {} msg/s",
+            cfg.rate_per_s
+        );
     }
     let last_send = Instant::now();
     // Wait until B holds every measured message, or the drain window ends.
