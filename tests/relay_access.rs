@@ -5,84 +5,15 @@ mod support;
 
 use std::time::Duration;
 
-use roamsync::crypto::device_log::DeviceLog;
 use roamsync::crypto::identity::DeviceSecret;
 use roamsync::crypto::rng::SeedRng;
 use roamsync::engine::Event;
 use roamsync::ids::DocAddr;
-use roamsync::net::{FramedRecv, FramedSend, Identity, PeerAddr};
 use roamsync::relay::server::{Relay, RelayConfig};
 use roamsync::wire::frame::{ErrorCode, Frame};
 use roamsync::wire::message::{Message, Subscription};
+use support::raw::Client as Raw;
 use support::*;
-
-/// A protocol client speaking frames directly.
-struct Raw {
-    conn: quinn::Connection,
-    send: FramedSend,
-    recv: FramedRecv,
-    log: DeviceLog,
-    _endpoint: quinn::Endpoint,
-}
-
-impl Raw {
-    async fn connect(relay: &PeerAddr, seed: u8) -> Raw {
-        let secret = DeviceSecret::generate(&mut SeedRng::from_seed([seed; 32]));
-        let log = DeviceLog::create(&secret, "raw", "test").unwrap();
-        let identity = Identity::from_device(&secret).unwrap();
-        let endpoint = roamsync::net::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = roamsync::net::connect(&endpoint, &identity, relay)
-            .await
-            .unwrap();
-        let (s, r) = conn.open_bi().await.unwrap();
-        Raw {
-            conn,
-            send: FramedSend::new(s),
-            recv: FramedRecv::new(r),
-            log,
-            _endpoint: endpoint,
-        }
-    }
-
-    async fn request(&mut self, msg: Message) -> Message {
-        self.send.send(&Frame::Message(msg)).await.unwrap();
-        self.next().await
-    }
-
-    async fn next(&mut self) -> Message {
-        match tokio::time::timeout(WAIT, self.recv.recv()).await {
-            Ok(Ok(Some(Frame::Message(m)))) => m,
-            other => panic!("expected a message, got {other:?}"),
-        }
-    }
-
-    /// Registers the account and authenticates.
-    async fn sign_in(&mut self) {
-        let account = self.log.account();
-        let entries = self.log.entries().to_vec();
-        let done = self
-            .request(Message::LogAppend {
-                req: 1,
-                account,
-                first_seq: 0,
-                entries,
-            })
-            .await;
-        assert!(matches!(done, Message::Done { req: 1 }), "{done:?}");
-        let hello = self
-            .request(Message::Hello {
-                req: 2,
-                account,
-                log_len: 1,
-                log_head: self.log.head(),
-            })
-            .await;
-        assert!(
-            matches!(hello, Message::HelloOk { log_len: 1, .. }),
-            "{hello:?}"
-        );
-    }
-}
 
 async fn relay(dir: &std::path::Path) -> Relay {
     Relay::start(RelayConfig::new(

@@ -3,133 +3,17 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use roamsync::crypto::device_log::DeviceLog;
-use roamsync::crypto::envelope::{EnvelopeHeader, EnvelopeKind, SealedEnvelope};
-use roamsync::crypto::group::{GroupUpdate, SealedLabel};
-use roamsync::crypto::identity::DeviceSecret;
-use roamsync::crypto::keys::{DocKey, KeyEpoch};
-use roamsync::crypto::rng::SeedRng;
-use roamsync::ids::{AccountId, ConversationId, DocAddr, DocId};
-use roamsync::net::{FramedRecv, FramedSend, Identity, PeerAddr};
+use roamsync::ids::{ConversationId, DocAddr, DocId};
+use roamsync::net::PeerAddr;
 use roamsync::relay::server::{Relay, RelayConfig};
 use roamsync::wire::frame::{ErrorCode, Frame};
 use roamsync::wire::message::{Message, Subscription};
 
-/// How long a test waits for an answer.
-const WAIT: Duration = Duration::from_secs(20);
+mod support;
 
-/// A device speaking protocol messages directly.
-struct Client {
-    secret: DeviceSecret,
-    log: DeviceLog,
-    conn: quinn::Connection,
-    send: FramedSend,
-    recv: FramedRecv,
-    _endpoint: quinn::Endpoint,
-}
-
-impl Client {
-    async fn connect(relay: &PeerAddr, seed: u8) -> Client {
-        let secret = DeviceSecret::generate(&mut SeedRng::from_seed([seed; 32]));
-        let log = DeviceLog::create(&secret, "smoke", "test").unwrap();
-        let identity = Identity::from_device(&secret).unwrap();
-        let endpoint = roamsync::net::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = roamsync::net::connect(&endpoint, &identity, relay)
-            .await
-            .unwrap();
-        let (send, recv) = conn.open_bi().await.unwrap();
-        Client {
-            secret,
-            log,
-            conn,
-            send: FramedSend::new(send),
-            recv: FramedRecv::new(recv),
-            _endpoint: endpoint,
-        }
-    }
-
-    fn account(&self) -> AccountId {
-        self.log.account()
-    }
-
-    async fn send(&mut self, msg: Message) {
-        self.send.send(&Frame::Message(msg)).await.unwrap();
-    }
-
-    async fn next(&mut self) -> Message {
-        match tokio::time::timeout(WAIT, self.recv.recv()).await {
-            Ok(Ok(Some(Frame::Message(m)))) => m,
-            other => panic!("expected a message, got {other:?}"),
-        }
-    }
-
-    async fn request(&mut self, msg: Message) -> Message {
-        self.send(msg).await;
-        self.next().await
-    }
-
-    /// Creates the account on the relay and authenticates.
-    async fn sign_in(&mut self) {
-        let (account, entries) = (self.account(), self.log.entries().to_vec());
-        let done = self
-            .request(Message::LogAppend {
-                req: 1,
-                account,
-                first_seq: 0,
-                entries,
-            })
-            .await;
-        assert_eq!(done, Message::Done { req: 1 });
-        let hello = self
-            .request(Message::Hello {
-                req: 2,
-                account,
-                log_len: 1,
-                log_head: self.log.head(),
-            })
-            .await;
-        assert!(
-            matches!(hello, Message::HelloOk { log_len: 1, .. }),
-            "{hello:?}"
-        );
-    }
-
-    fn update(&self, version: u32, members: Vec<AccountId>) -> GroupUpdate {
-        let addr = DocAddr::Meta(ConversationId::from_bytes([7; 16]));
-        let mut rng = SeedRng::from_seed([9; 32]);
-        let label = SealedLabel::seal(&addr, KeyEpoch(0), &DocKey::from_bytes([1; 32]), &mut rng);
-        GroupUpdate::sign(
-            &self.secret,
-            self.account(),
-            addr.doc_id(),
-            version,
-            members,
-            Vec::new(),
-            label,
-        )
-        .unwrap()
-    }
-
-    fn envelope(&self, doc: DocId, seq: u64) -> SealedEnvelope {
-        let header = EnvelopeHeader {
-            kind: EnvelopeKind::Changes,
-            doc,
-            epoch: KeyEpoch(0),
-            author: self.secret.device_id(),
-            first_seq: seq,
-            last_seq: seq,
-        };
-        SealedEnvelope::seal(
-            &self.secret,
-            &DocKey::from_bytes([1; 32]),
-            header,
-            b"sealed",
-        )
-        .unwrap()
-    }
-}
+use support::WAIT;
+use support::raw::Client;
 
 fn group() -> DocId {
     DocAddr::Meta(ConversationId::from_bytes([7; 16])).doc_id()

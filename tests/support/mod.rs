@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

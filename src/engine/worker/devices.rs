@@ -1,0 +1,241 @@
+//! Device logs (this account's and other members'), linking a new device, revocation.
+
+use super::*;
+
+impl Worker {
+    // ---- device logs -------------------------------------------------------------------------
+
+    pub(super) fn on_log_entries(
+        &mut self,
+        account: AccountId,
+        first_seq: u32,
+        entries: Vec<crate::crypto::device_log::DeviceLogEntry>,
+    ) -> Result<(), EngineError> {
+        if entries.is_empty() {
+            self.wake_log_waiters(&account);
+            return Ok(());
+        }
+        if account == self.account() {
+            let before: HashSet<DeviceId> = self
+                .log
+                .current_devices()
+                .map(|d| d.info.keys.device)
+                .collect();
+            for e in entries {
+                self.log.append(e)?;
+            }
+            let log = self.log.clone();
+            self.replica.store().write(|tx| tx.put_device_log(&log))?;
+            let after: HashSet<DeviceId> = self
+                .log
+                .current_devices()
+                .map(|d| d.info.keys.device)
+                .collect();
+            for d in after.difference(&before) {
+                self.emit(Event::DeviceLinked { device: *d });
+            }
+            for d in before.difference(&after) {
+                self.emit(Event::DeviceRevoked { device: *d });
+            }
+            if !self.log.is_current(&self.device()) {
+                tracing::warn!("this device was revoked");
+            }
+        } else if first_seq == 0 && !self.logs.contains_key(&account) {
+            let log = match self.logs.remove(&account) {
+                Some(mut known) => {
+                    for e in entries {
+                        known.append(e)?;
+                    }
+                    known
+                }
+                None => DeviceLog::verify(&account, entries)?,
+            };
+            self.logs.insert(account, log);
+        } else if let Some(known) = self.logs.get_mut(&account) {
+            for e in entries {
+                known.append(e)?;
+            }
+        } else {
+            self.wake_log_waiters(&account);
+            return Ok(());
+        }
+        self.index_devices();
+        let blob = state::encode_logs(&self.logs);
+        self.replica
+            .store()
+            .write(|tx| tx.put_setting(state::LOGS_SETTING, &blob))?;
+        self.wake_log_waiters(&account);
+        Ok(())
+    }
+
+    /// Asks the relays for the device logs of `accounts` this device lacks; `done` fires once
+    /// all are known, or with an error if no relay is connected.
+    pub(crate) fn fetch_logs(
+        &mut self,
+        accounts: Vec<AccountId>,
+        done: oneshot::Sender<Result<(), EngineError>>,
+    ) {
+        // Known logs are refreshed too: a device added since they were fetched must get keys.
+        let mut asked: Vec<AccountId> = accounts
+            .into_iter()
+            .filter(|a| *a != self.account())
+            .collect();
+        asked.sort();
+        asked.dedup();
+        if asked.is_empty() {
+            let _ = done.send(Ok(()));
+            return;
+        }
+        let live = self.live_relays();
+        let Some(relay) = live.first().copied() else {
+            let _ = done.send(Err(EngineError::Offline));
+            return;
+        };
+        for account in &asked {
+            let account = *account;
+            let from_seq = self.logs.get(&account).map_or(0, |l| l.len() as u32);
+            self.request(relay, Pending::FetchLog(account), |req| Message::FetchLog {
+                req,
+                account,
+                from_seq,
+            });
+        }
+        self.log_waiters.push(LogWaiter {
+            accounts: asked.clone(),
+            asked,
+            done,
+        });
+    }
+
+    pub(super) fn wake_log_waiters(&mut self, answered: &AccountId) {
+        let waiters = std::mem::take(&mut self.log_waiters);
+        for mut w in waiters {
+            w.accounts.retain(|a| a != answered);
+            if !w.accounts.is_empty() {
+                self.log_waiters.push(w);
+                continue;
+            }
+            let result = match w.asked.iter().find(|a| !self.logs.contains_key(a)) {
+                Some(a) => Err(EngineError::UnknownAccount(*a)),
+                None => Ok(()),
+            };
+            let _ = w.done.send(result);
+        }
+    }
+
+    pub(super) fn fail_log_waiters(&mut self, account: &AccountId, code: ErrorCode, text: &str) {
+        let waiters = std::mem::take(&mut self.log_waiters);
+        for w in waiters {
+            if w.accounts.contains(account) {
+                let _ = w.done.send(Err(EngineError::Relay {
+                    code,
+                    text: text.to_owned(),
+                }));
+            } else {
+                self.log_waiters.push(w);
+            }
+        }
+    }
+
+    /// Current devices of `accounts` (this account's from its own log).
+    pub(super) fn current_devices(
+        &self,
+        accounts: &[AccountId],
+    ) -> Result<Vec<DevicePublic>, EngineError> {
+        let mut out = Vec::new();
+        for a in accounts {
+            let log = if *a == self.account() {
+                &self.log
+            } else {
+                self.logs.get(a).ok_or(EngineError::UnknownAccount(*a))?
+            };
+            out.extend(log.current_devices().map(|d| d.info.keys));
+        }
+        Ok(out)
+    }
+
+    // ---- linking and revocation --------------------------------------------------------------
+
+    /// Starts a device-link invitation on the first connected relay; returns the code.
+    pub(crate) fn invite(&mut self) -> Result<String, EngineError> {
+        let relay = self
+            .live_relays()
+            .first()
+            .copied()
+            .ok_or(EngineError::Offline)?;
+        let invite = PairingInvite::new(&mut self.rng, now_ms(), INVITE_TTL_MS)?;
+        let code = invite.code();
+        let rendezvous = invite.rendezvous();
+        self.invites.insert(rendezvous, invite);
+        self.request(relay, Pending::PairOffer, |req| Message::PairOffer {
+            req,
+            rendezvous,
+        });
+        Ok(code)
+    }
+
+    pub(super) fn on_pair_requested(
+        &mut self,
+        relay: usize,
+        rendezvous: [u8; 32],
+        request: crate::crypto::pairing::PairRequest,
+    ) -> Result<(), EngineError> {
+        let Some(invite) = self.invites.get_mut(&rendezvous) else {
+            return Ok(());
+        };
+        let before = self.log.len() as u32;
+        let response = invite.handle_request(
+            &request,
+            now_ms(),
+            &self.secret,
+            &mut self.log,
+            &self.keyring,
+            &mut self.rng,
+        )?;
+        self.invites.remove(&rendezvous);
+        let log = self.log.clone();
+        self.replica.store().write(|tx| tx.put_device_log(&log))?;
+        self.index_devices();
+        let entries = self.log.entries()[before as usize..].to_vec();
+        let account = self.account();
+        for r in self.live_relays() {
+            let entries = entries.clone();
+            self.request(r, Pending::LogAppend, |req| Message::LogAppend {
+                req,
+                account,
+                first_seq: before,
+                entries,
+            });
+        }
+        self.request(relay, Pending::PairAnswer, |req| Message::PairAnswer {
+            req,
+            rendezvous,
+            response,
+        });
+        self.emit(Event::DeviceLinked {
+            device: request.device.device,
+        });
+        Ok(())
+    }
+
+    /// Revokes a device of this account and tells the relays, which refuse it at once.
+    pub(crate) fn revoke(&mut self, device: DeviceId) -> Result<(), EngineError> {
+        let before = self.log.len() as u32;
+        let entry = self.log.revoke_device(&self.secret, device)?;
+        self.log.append(entry.clone())?;
+        let log = self.log.clone();
+        self.replica.store().write(|tx| tx.put_device_log(&log))?;
+        let account = self.account();
+        for r in self.live_relays() {
+            let entries = vec![entry.clone()];
+            self.request(r, Pending::LogAppend, |req| Message::LogAppend {
+                req,
+                account,
+                first_seq: before,
+                entries,
+            });
+        }
+        self.emit(Event::DeviceRevoked { device });
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! Incoming envelopes: gathering per document, checking, applying in one call, events.
+
+use super::*;
+
+impl Worker {
+    // ---- envelopes -------------------------------------------------------------------------
+
+    pub(super) fn gather(
+        &mut self,
+        relay: usize,
+        req: u32,
+        doc: DocId,
+        items: Vec<StoredEnvelope>,
+        more: bool,
+        arrivals: &mut BTreeMap<DocId, Arrivals>,
+    ) {
+        let Some(r) = self.relays.get_mut(relay) else {
+            return;
+        };
+        let step = if req == 0 {
+            // A push: one envelope with its predecessor.
+            let mut step = CursorStep::default();
+            for it in &items {
+                let s = r.session.on_pushed(doc, it.seq, it.prev);
+                step.advanced_to = s.advanced_to.or(step.advanced_to);
+                step.fetch_after = s.fetch_after.or(step.fetch_after);
+            }
+            step
+        } else {
+            // An answer to a fetch or a subscription's catch-up; the request stays open for a
+            // catch-up until its `Done`.
+            let is_fetch = matches!(r.session.pending(req), Some(Pending::Fetch(_)));
+            if is_fetch {
+                r.session.finish(req);
+            }
+            let step = r
+                .session
+                .on_fetched(doc, items.last().map(|i| i.seq), more && is_fetch);
+            if !more {
+                r.session.caught_up(&doc);
+            }
+            step
+        };
+        let a = arrivals.entry(doc).or_default();
+        a.envelopes.extend(items.into_iter().map(|i| i.envelope));
+        a.steps.push((relay, step));
+    }
+
+    /// Opens, checks and applies everything gathered, one apply call for all documents, then
+    /// stores the cursors and tells the app.
+    pub(super) fn apply_arrivals(&mut self, arrivals: BTreeMap<DocId, Arrivals>) {
+        let now = now_ms();
+        let mut batches = Vec::new();
+        let mut steps = Vec::new();
+        for (doc, a) in arrivals {
+            let Some(addr) = self.docs.get(&doc).copied() else {
+                tracing::debug!(?doc, "envelopes of an unknown document dropped");
+                continue;
+            };
+            for bytes in &a.envelopes {
+                match self.open_changes(&addr, bytes) {
+                    Ok(Some(batch)) => batches.push(batch),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(?addr, error = %e, "envelope refused");
+                        self.emit(Event::Refused {
+                            doc: addr,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+            steps.extend(a.steps.into_iter().map(|(r, s)| (r, doc, s)));
+        }
+        if !batches.is_empty() {
+            // The app hears about the changes as soon as they are applied in memory; they are
+            // stored right after. The cursors move only once that store is done, so a crash in
+            // between means the envelopes are fetched again, never that they are skipped.
+            self.replica.defer_writes(true);
+            let applied = self.replica.apply(now, batches);
+            self.replica.defer_writes(false);
+            match applied {
+                Ok(report) => self.after_apply(report),
+                Err(e) => {
+                    tracing::error!(error = %e, "applying remote changes failed");
+                    self.emit(Event::StorageError {
+                        text: e.to_string(),
+                    });
+                    return;
+                }
+            }
+        }
+        // Stored with the changes at the end of the turn (`commit_turn`).
+        self.store_cursors(steps);
+    }
+
+    /// Checks an envelope of `addr` and returns its changes. `None` for a snapshot (not
+    /// applied by this version) .
+    pub(super) fn open_changes(
+        &self,
+        addr: &DocAddr,
+        bytes: &[u8],
+    ) -> Result<Option<ChangeBatch>, EngineError> {
+        let env = SealedEnvelope::decode(bytes)?;
+        if env.header.kind != EnvelopeKind::Changes {
+            return Ok(None);
+        }
+        let group = group_of(addr);
+        let keys = GroupKeys {
+            keyring: &self.keyring,
+            group,
+        };
+        let authorised = |author: &DeviceId, _: &DocId, _: KeyEpoch| self.may_write(author, &group);
+        let opened = env.open(&addr.doc_id(), &keys, authorised)?;
+        let batch = ChangeBatch::decode(&opened.plaintext)?;
+        if batch.addr != *addr {
+            return Err(EngineError::Mismatch {
+                what: "document inside the envelope",
+            });
+        }
+        // The changes must be the author's own, exactly the range the header names: this is
+        // what ties an Automerge actor to a signing device.
+        let author = opened.header.author;
+        let expected = opened.header.last_seq - opened.header.first_seq + 1;
+        let own = batch.changes.iter().all(|c| {
+            c.actor_id().to_bytes() == author.as_bytes()
+                && (opened.header.first_seq..=opened.header.last_seq).contains(&c.seq())
+        });
+        if !own || batch.changes.len() as u64 != expected {
+            return Err(EngineError::Mismatch {
+                what: "changes and the envelope's author range",
+            });
+        }
+        // Messages and reactions name an account; it must be the signing device's.
+        if let DocAddr::Segment(..) = addr {
+            let account = self.device_account.get(&author);
+            let claims =
+                crate::model::claimed_accounts(&batch.changes).ok_or(EngineError::Mismatch {
+                    what: "accounts named in the changes",
+                })?;
+            if claims.iter().any(|c| Some(c) != account) {
+                return Err(EngineError::Mismatch {
+                    what: "the message or reaction account and the signing device's account",
+                });
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    /// Whether `author` is a device of an account that is, or was, a member of `group`.
+    pub(super) fn may_write(&self, author: &DeviceId, group: &DocId) -> bool {
+        let Some(account) = self.device_account.get(author) else {
+            return false;
+        };
+        self.groups
+            .get(group)
+            .is_some_and(|g| g.ever_member(account))
+    }
+
+    pub(super) fn after_apply(&mut self, report: crate::model::ApplyReport) {
+        let mut list_changed = false;
+        let mut read_changed = BTreeSet::new();
+        let mut new_meta = Vec::new();
+        for (addr, stats) in &report.docs {
+            if stats.applied == 0 {
+                continue;
+            }
+            match addr {
+                DocAddr::Account(_) => {
+                    list_changed = true;
+                    read_changed.extend(self.replica.replica().read_positions().into_keys());
+                }
+                DocAddr::Meta(c) => {
+                    list_changed = true;
+                    new_meta.push(*c);
+                }
+                DocAddr::Segment(..) => list_changed = true,
+            }
+        }
+        for (addr, e) in &report.rejected {
+            self.emit(Event::Refused {
+                doc: *addr,
+                reason: e.to_string(),
+            });
+        }
+        for (conversation, id) in &report.new_messages {
+            self.emit(Event::MessageReceived {
+                conversation: *conversation,
+                id: *id,
+            });
+        }
+        for (conversation, id, update) in &report.updated_messages {
+            let (conversation, id) = (*conversation, *id);
+            self.emit(match update {
+                MessageUpdate::Edited => Event::MessageEdited { conversation, id },
+                MessageUpdate::Recalled => Event::MessageRecalled { conversation, id },
+                _ => Event::ReactionsChanged { conversation, id },
+            });
+        }
+        for conversation in read_changed {
+            self.emit(Event::ReadStateChanged { conversation });
+        }
+        if list_changed {
+            self.emit(Event::ConversationListChanged);
+        }
+        for c in new_meta {
+            if let Err(e) = self.learn_segments(&c) {
+                tracing::warn!(error = %e, "reading segment list failed");
+            }
+        }
+    }
+
+    /// Adds the segment documents a meta document lists to the synced documents, subscribing
+    /// where new.
+    pub(super) fn learn_segments(&mut self, c: &ConversationId) -> Result<(), EngineError> {
+        let numbers = match self.replica.segment_numbers(c) {
+            Ok(n) => n,
+            // The meta document has not arrived yet.
+            Err(crate::store::replica::ReplicaStoreError::Model(_)) => vec![0],
+            Err(e) => return Err(e.into()),
+        };
+        let mut new = Vec::new();
+        for n in numbers {
+            let addr = DocAddr::Segment(*c, n);
+            if self.docs.insert(addr.doc_id(), addr).is_none() {
+                self.sealed.entry(addr).or_insert(0);
+                new.push(addr);
+            }
+        }
+        self.subscribe_everywhere(&new);
+        Ok(())
+    }
+}

@@ -1,0 +1,328 @@
+//! Groups: verifying and absorbing updates, creating conversations, adding and removing members.
+
+use super::*;
+
+impl Worker {
+    // ---- groups ------------------------------------------------------------------------------
+
+    pub(super) fn save_groups(&mut self) -> Result<(), EngineError> {
+        let blob = state::encode_groups(&self.groups);
+        self.replica
+            .store()
+            .write(|tx| tx.put_setting(state::GROUPS_SETTING, &blob))?;
+        Ok(())
+    }
+
+    pub(super) fn on_group_updates(
+        &mut self,
+        relay: usize,
+        group: DocId,
+        updates: Vec<GroupUpdate>,
+    ) -> Result<(), EngineError> {
+        let me = self.device();
+        let mut new_docs = Vec::new();
+        let mut missing_logs = Vec::new();
+        for update in updates {
+            if update.group != group {
+                continue;
+            }
+            let g = self.groups.entry(group).or_default();
+            if (update.version as usize) < g.updates.len() {
+                continue;
+            }
+            update.check_follows(g.latest())?;
+            update.verify_signature()?;
+            match self.device_account.get(&update.signer) {
+                Some(a) if *a == update.signer_account => {}
+                Some(_) => {
+                    return Err(EngineError::Mismatch {
+                        what: "group update signer and its account",
+                    });
+                }
+                None => {
+                    // The signer's log is needed first; fetch it and the update again later.
+                    missing_logs.push(update.signer_account);
+                    break;
+                }
+            }
+            let mut new_keys = Vec::new();
+            for k in update.keys_for(&me) {
+                let key = k.unwrap_with(&self.secret)?;
+                if self.keyring.key(&k.doc, k.epoch).is_none() {
+                    self.keyring.insert(k.doc, k.epoch, key.clone())?;
+                    new_keys.push((k.doc, k.epoch, key));
+                }
+            }
+            if !new_keys.is_empty() {
+                self.replica.store().write(|tx| {
+                    for (doc, epoch, key) in &new_keys {
+                        tx.put_doc_key(doc, *epoch, key)?;
+                    }
+                    Ok(())
+                })?;
+            }
+            let addr = update.open_label(&self.keyring).ok();
+            let g = self.groups.entry(group).or_default();
+            if g.addr.is_none() {
+                g.addr = addr;
+                if let Some(a) = addr {
+                    new_docs.push(a);
+                }
+            }
+            let members: Vec<AccountId> = update.members.clone();
+            g.updates.push(update);
+            for m in members {
+                if m != self.log.account() && !self.logs.contains_key(&m) {
+                    missing_logs.push(m);
+                }
+            }
+        }
+        self.save_groups()?;
+        missing_logs.sort();
+        missing_logs.dedup();
+        for account in missing_logs {
+            self.request(relay, Pending::FetchLog(account), |req| Message::FetchLog {
+                req,
+                account,
+                from_seq: 0,
+            });
+            // Once the log is in, the rest of the chain is fetched again.
+            let from_version = self
+                .groups
+                .get(&group)
+                .map_or(0, |g| g.updates.len() as u32);
+            self.request(relay, Pending::FetchGroup(group), |req| {
+                Message::FetchGroup {
+                    req,
+                    group,
+                    from_version,
+                }
+            });
+        }
+        for addr in &new_docs {
+            self.docs.insert(addr.doc_id(), *addr);
+            if let DocAddr::Meta(c) = addr {
+                let seg = DocAddr::Segment(*c, 0);
+                self.docs.insert(seg.doc_id(), seg);
+                self.emit(Event::ConversationAdded { conversation: *c });
+            }
+        }
+        let mut subscribe = new_docs.clone();
+        for addr in &new_docs {
+            if let DocAddr::Meta(c) = addr {
+                subscribe.push(DocAddr::Segment(*c, 0));
+            }
+        }
+        self.subscribe_everywhere(&subscribe);
+        // Local changes waiting for a key (none usually) can be sealed now.
+        let all: BTreeSet<DocAddr> = self.docs.values().copied().collect();
+        self.seal_new(all)
+    }
+
+    /// Records a group update made here and posts it to connected relays.
+    pub(super) fn publish_group(
+        &mut self,
+        update: GroupUpdate,
+        addr: DocAddr,
+    ) -> Result<(), EngineError> {
+        let group = update.group;
+        let version = update.version;
+        let g = self.groups.entry(group).or_default();
+        g.addr = Some(addr);
+        g.updates.push(update.clone());
+        self.save_groups()?;
+        for relay in self.live_relays() {
+            let update = update.clone();
+            self.request(relay, Pending::PostGroup { group, version }, |req| {
+                Message::PostGroup { req, update }
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn store_new_key(
+        &mut self,
+        group: DocId,
+        epoch: KeyEpoch,
+    ) -> Result<(), EngineError> {
+        if let Some(key) = self.keyring.key(&group, epoch).cloned() {
+            self.replica
+                .store()
+                .write(|tx| tx.put_doc_key(&group, epoch, &key))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the account document's group (at account creation).
+    pub(crate) fn create_account_group(&mut self) -> Result<(), EngineError> {
+        let addr = DocAddr::Account(self.account());
+        let group = addr.doc_id();
+        if self.groups.contains_key(&group) {
+            return Ok(());
+        }
+        let recipients = vec![self.secret.public()];
+        let (epoch, wrapped) = self.keyring.rotate(group, &recipients, &mut self.rng)?;
+        self.store_new_key(group, epoch)?;
+        let key = self
+            .keyring
+            .key(&group, epoch)
+            .cloned()
+            .ok_or(EngineError::Mismatch {
+                what: "a key just made",
+            })?;
+        let label = SealedLabel::seal(&addr, epoch, &key, &mut self.rng);
+        let update = GroupUpdate::sign(
+            &self.secret,
+            self.account(),
+            group,
+            0,
+            vec![self.account()],
+            wrapped,
+            label,
+        )?;
+        self.docs.insert(group, addr);
+        self.publish_group(update, addr)
+    }
+
+    /// Creates a conversation with `others` (whose device logs must be known) and its group.
+    pub(crate) fn create_conversation(
+        &mut self,
+        title: &str,
+        others: &[AccountId],
+    ) -> Result<ConversationId, EngineError> {
+        let mut members: Vec<AccountId> = others.to_vec();
+        members.push(self.account());
+        members.sort();
+        members.dedup();
+        let recipients = self.current_devices(&members)?;
+        let c = self.replica.create_conversation(now_ms(), title, others)?;
+        let addr = DocAddr::Meta(c);
+        let group = addr.doc_id();
+        let (epoch, wrapped) = self.keyring.rotate(group, &recipients, &mut self.rng)?;
+        self.store_new_key(group, epoch)?;
+        let key = self
+            .keyring
+            .key(&group, epoch)
+            .cloned()
+            .ok_or(EngineError::Mismatch {
+                what: "a key just made",
+            })?;
+        let label = SealedLabel::seal(&addr, epoch, &key, &mut self.rng);
+        let update = GroupUpdate::sign(
+            &self.secret,
+            self.account(),
+            group,
+            0,
+            members,
+            wrapped,
+            label,
+        )?;
+        self.docs.insert(group, addr);
+        let seg = DocAddr::Segment(c, 0);
+        self.docs.insert(seg.doc_id(), seg);
+        self.publish_group(update, addr)?;
+        self.subscribe_everywhere(&[addr, seg]);
+        self.after_local()?;
+        Ok(c)
+    }
+
+    /// Adds `account` (whose device log must be known) to a conversation: every epoch's key is
+    /// wrapped to its devices, since a CRDT needs its whole history.
+    pub(crate) fn add_member(
+        &mut self,
+        c: &ConversationId,
+        account: AccountId,
+    ) -> Result<(), EngineError> {
+        let addr = DocAddr::Meta(*c);
+        let group = addr.doc_id();
+        let latest = self.latest_update(c)?;
+        if latest.is_member(&account) {
+            return Ok(());
+        }
+        let devices = self.current_devices(&[account])?;
+        self.replica.add_member(now_ms(), c, &account)?;
+        let mut wrapped = Vec::new();
+        let epochs: Vec<(KeyEpoch, DocKey)> = self
+            .keyring
+            .iter()
+            .filter(|(d, _, _)| **d == group)
+            .map(|(_, e, k)| (e, k.clone()))
+            .collect();
+        for d in &devices {
+            for (epoch, key) in &epochs {
+                wrapped.push(crate::crypto::keys::WrappedKey::wrap(
+                    key,
+                    group,
+                    *epoch,
+                    d,
+                    &mut self.rng,
+                )?);
+            }
+        }
+        let mut members = latest.members.clone();
+        members.push(account);
+        let update = GroupUpdate::sign(
+            &self.secret,
+            self.account(),
+            group,
+            latest.version + 1,
+            members,
+            wrapped,
+            latest.label.clone(),
+        )?;
+        self.publish_group(update, addr)?;
+        self.after_local()
+    }
+
+    /// Removes `account` from a conversation and starts a new key epoch for the remaining
+    /// members' devices: the removed account cannot read what is written afterwards.
+    pub(crate) fn remove_member(
+        &mut self,
+        c: &ConversationId,
+        account: AccountId,
+    ) -> Result<(), EngineError> {
+        let addr = DocAddr::Meta(*c);
+        let group = addr.doc_id();
+        let latest = self.latest_update(c)?;
+        if !latest.is_member(&account) {
+            return Ok(());
+        }
+        self.replica.remove_member(c, &account)?;
+        let members: Vec<AccountId> = latest
+            .members
+            .iter()
+            .copied()
+            .filter(|m| *m != account)
+            .collect();
+        let recipients = self.current_devices(&members)?;
+        let (epoch, wrapped) = self.keyring.rotate(group, &recipients, &mut self.rng)?;
+        self.store_new_key(group, epoch)?;
+        let update = GroupUpdate::sign(
+            &self.secret,
+            self.account(),
+            group,
+            latest.version + 1,
+            members,
+            wrapped,
+            latest.label.clone(),
+        )?;
+        self.publish_group(update, addr)?;
+        self.after_local()
+    }
+
+    /// The latest update of a conversation's group.
+    fn latest_update(&self, c: &ConversationId) -> Result<GroupUpdate, EngineError> {
+        self.groups
+            .get(&DocAddr::Meta(*c).doc_id())
+            .and_then(|g| g.latest().cloned())
+            .ok_or(EngineError::UnknownConversation(*c))
+    }
+
+    /// Member accounts of every group, for checks.
+    pub(crate) fn group_members(&self, group: &DocId) -> Option<Vec<AccountId>> {
+        self.groups
+            .get(group)
+            .and_then(|g| g.latest())
+            .map(|u| u.members.clone())
+    }
+}

@@ -1,0 +1,421 @@
+//! Talking to relays: the connection sequence, answers, acks, cursors, heartbeats.
+
+use super::*;
+
+impl Worker {
+    // ---- network input ---------------------------------------------------------------------
+
+    /// Reconnects to relays that went silent with requests open.
+    pub(super) fn check_silent_relays(&mut self, now: u64) {
+        let (account, from_seq) = (self.account(), self.log.len() as u32);
+        for i in 0..self.relays.len() {
+            let r = &mut self.relays[i];
+            let Some(out) = &r.out else {
+                continue;
+            };
+            let quiet_ms = now.saturating_sub(r.heard_ms);
+            if r.session.open_requests() > 0 {
+                if quiet_ms > SILENT_RELAY_MS {
+                    tracing::info!(relay = %r.addr, "relay silent with requests open; reconnecting");
+                    let _ = out.send(Outgoing::Reconnect);
+                }
+            } else if quiet_ms > HEARTBEAT_MS {
+                self.request(i, Pending::FetchLog(account), |req| Message::FetchLog {
+                    req,
+                    account,
+                    from_seq,
+                });
+            }
+        }
+    }
+
+    pub(super) fn handle_net(&mut self, ev: NetEvent) {
+        if let NetEvent::Message { relay, .. } | NetEvent::Connected { relay, .. } = &ev {
+            if let Some(r) = self.relays.get_mut(*relay) {
+                r.heard_ms = now_ms();
+            }
+        }
+        match ev {
+            NetEvent::Connected { relay, out } => self.on_connected(relay, out),
+            NetEvent::Disconnected {
+                relay,
+                reason,
+                retry_in_ms,
+            } => {
+                tracing::debug!(relay, %reason, "relay connection ended");
+                if let Some(r) = self.relays.get_mut(relay) {
+                    r.out = None;
+                    r.session.reset();
+                    r.state = ConnectionState::Offline { retry_in_ms };
+                }
+                self.emit_status();
+            }
+            NetEvent::Datagram { relay, bytes } => {
+                if !self.on_datagram(&bytes) {
+                    tracing::debug!(relay, len = bytes.len(), "datagram dropped");
+                }
+            }
+            NetEvent::Message { relay, msg } => {
+                if let Err(e) = self.on_message(relay, *msg) {
+                    tracing::warn!(relay, error = %e, "relay message not handled");
+                }
+            }
+        }
+    }
+
+    pub(super) fn send(&mut self, relay: usize, msg: Message) {
+        if let Some(out) = self.relays.get(relay).and_then(|r| r.out.as_ref()) {
+            // A closed queue means the connection just ended; the session resends on reconnect.
+            let _ = out.send(Outgoing::Message(Box::new(msg)));
+        }
+    }
+
+    pub(super) fn request(
+        &mut self,
+        relay: usize,
+        what: Pending,
+        build: impl FnOnce(u32) -> Message,
+    ) {
+        let Some(r) = self.relays.get_mut(relay) else {
+            return;
+        };
+        if r.out.is_none() {
+            return;
+        }
+        let req = r.session.request(what);
+        self.send(relay, build(req));
+    }
+
+    pub(super) fn live_relays(&self) -> Vec<usize> {
+        (0..self.relays.len())
+            .filter(|i| self.relays[*i].out.is_some())
+            .collect()
+    }
+
+    pub(super) fn on_connected(&mut self, relay: usize, out: mpsc::UnboundedSender<Outgoing>) {
+        let Some(r) = self.relays.get_mut(relay) else {
+            return;
+        };
+        r.out = Some(out);
+        r.session.reset();
+        r.state = ConnectionState::Syncing;
+        let (account, log_len, log_head) =
+            (self.log.account(), self.log.len() as u32, self.log.head());
+        self.request(relay, Pending::Hello, |req| Message::Hello {
+            req,
+            account,
+            log_len,
+            log_head,
+        });
+        self.emit_status();
+    }
+
+    pub(super) fn on_message(&mut self, relay: usize, msg: Message) -> Result<(), EngineError> {
+        let req = msg.req();
+        let pending = if req == 0 {
+            None
+        } else {
+            self.relays
+                .get_mut(relay)
+                .and_then(|r| r.session.finish(req))
+        };
+        match msg {
+            Message::HelloOk {
+                log_len,
+                log_head: _,
+                groups,
+                ..
+            } => self.on_hello_ok(relay, log_len, groups),
+            Message::LogEntries {
+                account,
+                first_seq,
+                entries,
+                ..
+            } => self.on_log_entries(account, first_seq, entries),
+            Message::GroupUpdates { group, updates, .. } => {
+                self.on_group_updates(relay, group, updates)
+            }
+            Message::Done { .. } => self.on_done(relay, pending),
+            Message::Ack {
+                doc,
+                seq,
+                prev,
+                duplicate,
+                ..
+            } => {
+                if let Some(Pending::Append { outbox }) = pending {
+                    self.on_ack(relay, outbox, doc, seq, prev, duplicate)?;
+                }
+                Ok(())
+            }
+            Message::PairRequested {
+                rendezvous,
+                request,
+            } => self.on_pair_requested(relay, rendezvous, request),
+            Message::Error { code, text, .. } => {
+                self.on_error(relay, pending, code, text);
+                Ok(())
+            }
+            other => {
+                tracing::debug!(relay, ?other, "unexpected message from relay");
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn on_hello_ok(
+        &mut self,
+        relay: usize,
+        relay_log_len: u32,
+        groups: Vec<(DocId, u32)>,
+    ) -> Result<(), EngineError> {
+        let account = self.account();
+        let ours = self.log.len() as u32;
+        if relay_log_len < ours {
+            let entries = self.log.entries()[relay_log_len as usize..].to_vec();
+            self.request(relay, Pending::LogAppend, |req| Message::LogAppend {
+                req,
+                account,
+                first_seq: relay_log_len,
+                entries,
+            });
+            // The relay authenticates this connection once it has the entries; say hello again.
+            let (log_len, log_head) = (ours, self.log.head());
+            self.request(relay, Pending::Hello, |req| Message::Hello {
+                req,
+                account,
+                log_len,
+                log_head,
+            });
+            return Ok(());
+        }
+        if relay_log_len > ours {
+            self.request(relay, Pending::FetchLog(account), |req| Message::FetchLog {
+                req,
+                account,
+                from_seq: ours,
+            });
+        }
+        // Updates this relay lacks (made here while offline, or while it was down) go first, so
+        // it knows the groups before their documents. A relay lists the groups this account is
+        // a member of with their latest version.
+        let relay_has: HashMap<DocId, u32> = groups.iter().copied().collect();
+        let me = self.account();
+        let mut missing: Vec<GroupUpdate> = Vec::new();
+        for (id, g) in &self.groups {
+            let still_member = g.latest().is_some_and(|u| u.is_member(&me));
+            if g.addr.is_none() || !still_member {
+                continue;
+            }
+            let from = relay_has.get(id).map_or(0, |v| *v as usize + 1);
+            missing.extend(g.updates.iter().skip(from).cloned());
+        }
+        missing.sort_by_key(|u| u.version);
+        for update in missing {
+            let (group, version) = (update.group, update.version);
+            self.request(relay, Pending::PostGroup { group, version }, |req| {
+                Message::PostGroup { req, update }
+            });
+        }
+        for (group, version) in groups {
+            let have = self
+                .groups
+                .get(&group)
+                .map_or(0, |g| g.updates.len() as u32);
+            if version + 1 > have {
+                self.request(relay, Pending::FetchGroup(group), |req| {
+                    Message::FetchGroup {
+                        req,
+                        group,
+                        from_version: have,
+                    }
+                });
+            }
+        }
+        let docs: Vec<DocAddr> = self.docs.values().copied().collect();
+        self.subscribe(relay, &docs);
+        self.flush_outbox(relay);
+        Ok(())
+    }
+
+    pub(super) fn subscribe(&mut self, relay: usize, addrs: &[DocAddr]) {
+        let Some(r) = self.relays.get_mut(relay) else {
+            return;
+        };
+        if r.out.is_none() || addrs.is_empty() {
+            return;
+        }
+        let items: Vec<Subscription> = addrs
+            .iter()
+            .filter(|a| self.groups.contains_key(&group_of(a)))
+            .map(|a| Subscription {
+                doc: a.doc_id(),
+                group: group_of(a),
+                after_seq: r.session.cursor(&a.doc_id()),
+            })
+            .collect();
+        if items.is_empty() {
+            return;
+        }
+        for chunk in items.chunks(crate::wire::message::MAX_SUBSCRIPTIONS) {
+            let docs: Vec<DocId> = chunk.iter().map(|s| s.doc).collect();
+            r.session.start_catch_up(&docs);
+            let req = r.session.request(Pending::Subscribe(docs));
+            if let Some(out) = &r.out {
+                let _ = out.send(Outgoing::Message(Box::new(Message::Subscribe {
+                    req,
+                    items: chunk.to_vec(),
+                })));
+            }
+        }
+    }
+
+    pub(super) fn subscribe_everywhere(&mut self, addrs: &[DocAddr]) {
+        for relay in self.live_relays() {
+            self.subscribe(relay, addrs);
+        }
+    }
+
+    pub(super) fn flush_outbox(&mut self, relay: usize) {
+        let bit = 1u64 << relay.min(63);
+        let items: Vec<(i64, DocId, SealedEnvelope)> = self
+            .outbox
+            .iter()
+            .filter(|(_, it)| it.acked & bit == 0)
+            .map(|(id, it)| (*id, it.group, it.envelope.clone()))
+            .collect();
+        for (outbox, group, envelope) in items {
+            self.request(relay, Pending::Append { outbox }, |req| Message::Append {
+                req,
+                group,
+                envelope,
+            });
+        }
+    }
+
+    pub(super) fn on_done(
+        &mut self,
+        relay: usize,
+        pending: Option<Pending>,
+    ) -> Result<(), EngineError> {
+        if let Some(Pending::Subscribe(docs)) = pending {
+            let fetch = match self.relays.get_mut(relay) {
+                Some(r) => r.session.end_catch_up(&docs),
+                None => return Ok(()),
+            };
+            for (doc, after_seq) in fetch {
+                self.request(relay, Pending::Fetch(doc), |req| Message::Fetch {
+                    req,
+                    doc,
+                    after_seq,
+                    limit: FETCH_LIMIT,
+                });
+            }
+            self.update_live(relay);
+        }
+        Ok(())
+    }
+
+    pub(super) fn update_live(&mut self, relay: usize) {
+        if let Some(r) = self.relays.get_mut(relay) {
+            if r.out.is_some() && r.state != ConnectionState::Live {
+                r.state = ConnectionState::Live;
+                self.emit_status();
+            }
+        }
+    }
+
+    pub(super) fn on_error(
+        &mut self,
+        relay: usize,
+        pending: Option<Pending>,
+        code: ErrorCode,
+        text: String,
+    ) {
+        tracing::warn!(relay, ?code, %text, ?pending, "relay refused a request");
+        match pending {
+            Some(Pending::Append { outbox }) if code == ErrorCode::REJECTED => {
+                // The relay will never take it (e.g. an equivocation): keep it locally for
+                // other relays, but stop offering it to this one.
+                if let Some(it) = self.outbox.get_mut(&outbox) {
+                    it.acked |= 1u64 << relay.min(63);
+                }
+            }
+            Some(Pending::Fetch(doc)) => {
+                if let Some(r) = self.relays.get_mut(relay) {
+                    r.session.fetch_failed(&doc);
+                }
+            }
+            Some(Pending::FetchLog(account)) => {
+                self.fail_log_waiters(&account, code, &text);
+            }
+            Some(Pending::Subscribe(docs)) => {
+                if let Some(r) = self.relays.get_mut(relay) {
+                    r.session.end_catch_up(&docs);
+                }
+            }
+            _ => {}
+        }
+        self.emit(Event::RelayError { code, text });
+    }
+
+    pub(super) fn on_ack(
+        &mut self,
+        relay: usize,
+        outbox: i64,
+        doc: DocId,
+        seq: u64,
+        prev: u64,
+        duplicate: bool,
+    ) -> Result<(), EngineError> {
+        let all = if self.relays.len() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.relays.len()) - 1
+        };
+        let done = match self.outbox.get_mut(&outbox) {
+            Some(it) => {
+                it.acked |= 1u64 << relay.min(63);
+                it.acked & all == all
+            }
+            None => false,
+        };
+        if done {
+            self.outbox.remove(&outbox);
+            self.replica.store().write(|tx| tx.ack_outbox(outbox))?;
+            self.emit_status();
+        }
+        if !duplicate {
+            let step = match self.relays.get_mut(relay) {
+                Some(r) => r.session.on_pushed(doc, seq, prev),
+                None => return Ok(()),
+            };
+            self.store_cursors(vec![(relay, doc, step)]);
+        }
+        Ok(())
+    }
+
+    /// Queues moved cursors for the turn's commit, then asks for what a gap showed.
+    pub(super) fn store_cursors(&mut self, steps: Vec<(usize, DocId, CursorStep)>) {
+        for (relay, doc, step) in &steps {
+            if let (Some(seq), Some(addr), Some(r)) = (
+                step.advanced_to,
+                self.docs.get(doc),
+                self.relays.get(*relay),
+            ) {
+                self.pending_cursors
+                    .push((*r.addr.key.as_bytes(), *addr, seq));
+            }
+        }
+        for (relay, doc, step) in steps {
+            if let Some(after_seq) = step.fetch_after {
+                self.request(relay, Pending::Fetch(doc), |req| Message::Fetch {
+                    req,
+                    doc,
+                    after_seq,
+                    limit: FETCH_LIMIT,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! A device speaking protocol messages directly, for tests of the relay.
+
+use roamsync::crypto::device_log::DeviceLog;
+use roamsync::crypto::envelope::{EnvelopeHeader, EnvelopeKind, SealedEnvelope};
+use roamsync::crypto::group::{GroupUpdate, SealedLabel};
+use roamsync::crypto::identity::DeviceSecret;
+use roamsync::crypto::keys::{DocKey, KeyEpoch};
+use roamsync::crypto::rng::SeedRng;
+use roamsync::ids::{AccountId, ConversationId, DocAddr, DocId};
+use roamsync::net::{FramedRecv, FramedSend, Identity, PeerAddr};
+use roamsync::wire::frame::Frame;
+use roamsync::wire::message::Message;
+
+use super::WAIT;
+
+/// A device speaking protocol messages directly.
+pub struct Client {
+    pub secret: DeviceSecret,
+    pub log: DeviceLog,
+    pub conn: quinn::Connection,
+    pub send: FramedSend,
+    pub recv: FramedRecv,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Client {
+    pub async fn connect(relay: &PeerAddr, seed: u8) -> Client {
+        let secret = DeviceSecret::generate(&mut SeedRng::from_seed([seed; 32]));
+        let log = DeviceLog::create(&secret, "smoke", "test").unwrap();
+        let identity = Identity::from_device(&secret).unwrap();
+        let endpoint = roamsync::net::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = roamsync::net::connect(&endpoint, &identity, relay)
+            .await
+            .unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        Client {
+            secret,
+            log,
+            conn,
+            send: FramedSend::new(send),
+            recv: FramedRecv::new(recv),
+            _endpoint: endpoint,
+        }
+    }
+
+    pub fn account(&self) -> AccountId {
+        self.log.account()
+    }
+
+    pub async fn send(&mut self, msg: Message) {
+        self.send.send(&Frame::Message(msg)).await.unwrap();
+    }
+
+    pub async fn next(&mut self) -> Message {
+        match tokio::time::timeout(WAIT, self.recv.recv()).await {
+            Ok(Ok(Some(Frame::Message(m)))) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    pub async fn request(&mut self, msg: Message) -> Message {
+        self.send(msg).await;
+        self.next().await
+    }
+
+    /// Creates the account on the relay and authenticates.
+    pub async fn sign_in(&mut self) {
+        let (account, entries) = (self.account(), self.log.entries().to_vec());
+        let done = self
+            .request(Message::LogAppend {
+                req: 1,
+                account,
+                first_seq: 0,
+                entries,
+            })
+            .await;
+        assert_eq!(done, Message::Done { req: 1 });
+        let hello = self
+            .request(Message::Hello {
+                req: 2,
+                account,
+                log_len: 1,
+                log_head: self.log.head(),
+            })
+            .await;
+        assert!(
+            matches!(hello, Message::HelloOk { log_len: 1, .. }),
+            "{hello:?}"
+        );
+    }
+
+    pub fn update(&self, version: u32, members: Vec<AccountId>) -> GroupUpdate {
+        let addr = DocAddr::Meta(ConversationId::from_bytes([7; 16]));
+        let mut rng = SeedRng::from_seed([9; 32]);
+        let label = SealedLabel::seal(&addr, KeyEpoch(0), &DocKey::from_bytes([1; 32]), &mut rng);
+        GroupUpdate::sign(
+            &self.secret,
+            self.account(),
+            addr.doc_id(),
+            version,
+            members,
+            Vec::new(),
+            label,
+        )
+        .unwrap()
+    }
+
+    pub fn envelope(&self, doc: DocId, seq: u64) -> SealedEnvelope {
+        let header = EnvelopeHeader {
+            kind: EnvelopeKind::Changes,
+            doc,
+            epoch: KeyEpoch(0),
+            author: self.secret.device_id(),
+            first_seq: seq,
+            last_seq: seq,
+        };
+        SealedEnvelope::seal(
+            &self.secret,
+            &DocKey::from_bytes([1; 32]),
+            header,
+            b"sealed",
+        )
+        .unwrap()
+    }
+}
