@@ -138,7 +138,7 @@ fn main() {
         let theirs = run_samod_live(&cfg);
         print_row("samod", &cfg, &theirs);
         println!(
-            "         ratio samod/roamsync: p50 {:.0}x, p99 {:.0}x",
+            "         ratio samod/roamsync: p50 {:.2}x, p99 {:.2}x",
             theirs.p50_us as f64 / ours.p50_us.max(1) as f64,
             theirs.p99_us as f64 / ours.p99_us.max(1) as f64
         );
