@@ -287,6 +287,7 @@ async fn main() {
         shown: Vec::new(),
     };
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut last_states = Vec::new();
     loop {
         tokio::select! {
             line = lines.next_line() => {
@@ -303,6 +304,14 @@ async fn main() {
             }
             event = events.recv() => {
                 if let Ok(event) = event {
+                    // Connection changes are worth a line; upload counts are in /status.
+                    if let Event::Sync(s) = &event {
+                        let states: Vec<_> = s.relays.iter().map(|r| r.state).collect();
+                        if states == last_states {
+                            continue;
+                        }
+                        last_states = states;
+                    }
                     if let Some(text) = describe(&event) {
                         println!("* {text}");
                     }
