@@ -26,6 +26,7 @@ fn main() -> std::io::Result<()> {
         "pairing_handle",
         "batch_apply",
         "change_apply",
+        "message_decode",
     ] {
         for g in garbage {
             write(target, g)?;

@@ -62,6 +62,27 @@ pub fn frame_decode(data: &[u8]) {
     }
 }
 
+/// Decodes `data` as a protocol message, a datagram and a group update, and checks that whatever
+/// decodes re-encodes to the same bytes (one encoding per value: no ambiguity a peer could use).
+pub fn message_decode(data: &[u8]) {
+    use crate::crypto::group::GroupUpdate;
+    use crate::wire::message::{Message, decode_datagram, encode_datagram};
+    if let Ok(msg) = Message::decode(data) {
+        assert_eq!(msg.encode(), data, "messages re-encode exactly");
+    }
+    if let Ok((group, envelope)) = decode_datagram(data) {
+        assert_eq!(
+            encode_datagram(&group, &envelope),
+            data,
+            "datagrams re-encode"
+        );
+    }
+    if let Ok(update) = GroupUpdate::decode(data) {
+        assert_eq!(update.encode(), data, "group updates re-encode exactly");
+        let _ = update.verify_signature();
+    }
+}
+
 /// Opens `data` as an envelope of the fixture document, authorising only the fixture's author.
 pub fn envelope_open(data: &[u8]) {
     let [author, _] = fixture_devices();
@@ -257,6 +278,82 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
         "device_log_verify",
         DeviceLog::encode_entries(log.entries()),
     ));
+
+    // Protocol messages around the fixture envelopes, and a signed group update.
+    {
+        use crate::crypto::group::{GroupUpdate, SealedLabel};
+        use crate::wire::message::{Message, StoredEnvelope, Subscription, encode_datagram};
+        let account = log.account();
+        let items = envelopes
+            .iter()
+            .enumerate()
+            .map(|(i, e)| StoredEnvelope {
+                seq: i as u64 + 10,
+                prev: i as u64 + 9,
+                envelope: e.encode(),
+            })
+            .collect();
+        let mut messages = vec![
+            Message::Hello {
+                req: 1,
+                account,
+                log_len: log.len() as u32,
+                log_head: log.head(),
+            },
+            Message::Subscribe {
+                req: 2,
+                items: vec![Subscription {
+                    doc: FIXTURE_DOC,
+                    group: FIXTURE_DOC,
+                    after_seq: 3,
+                }],
+            },
+            Message::Envelopes {
+                req: 0,
+                doc: FIXTURE_DOC,
+                items,
+                more: false,
+            },
+            Message::Ack {
+                req: 3,
+                doc: FIXTURE_DOC,
+                seq: 12,
+                prev: 11,
+                duplicate: false,
+            },
+            Message::LogAppend {
+                req: 4,
+                account,
+                first_seq: 0,
+                entries: log.entries().to_vec(),
+            },
+        ];
+        if let Some(env) = envelopes.first() {
+            messages.push(Message::Append {
+                req: 5,
+                group: FIXTURE_DOC,
+                envelope: env.clone(),
+            });
+            out.push(("message_decode", encode_datagram(&FIXTURE_DOC, env)));
+        }
+        let addr = crate::ids::DocAddr::Account(account);
+        let mut keys = Keyring::default();
+        let mut rng = SeedRng::from_seed([0xf2; 32]);
+        if let Ok((epoch, wrapped)) = keys.rotate(addr.doc_id(), &[a.public()], &mut rng) {
+            if let Some(key) = keys.key(&addr.doc_id(), epoch) {
+                let label = SealedLabel::seal(&addr, epoch, key, &mut rng);
+                if let Ok(update) =
+                    GroupUpdate::sign(&a, account, addr.doc_id(), 0, vec![account], wrapped, label)
+                {
+                    out.push(("message_decode", update.encode()));
+                    messages.push(Message::PostGroup { req: 6, update });
+                }
+            }
+        }
+        for m in messages {
+            out.push(("message_decode", m.encode()));
+        }
+    }
 
     let mut stream = Vec::new();
     for env in envelopes {

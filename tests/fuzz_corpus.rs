@@ -47,3 +47,8 @@ fn batch_apply_corpus() {
 fn change_apply_corpus() {
     replay("change_apply", roamsync::fuzzing::change_apply);
 }
+
+#[test]
+fn message_decode_corpus() {
+    replay("message_decode", roamsync::fuzzing::message_decode);
+}
