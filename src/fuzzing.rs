@@ -604,7 +604,7 @@ mod tests {
     #[test]
     fn seeds_pass_every_check() {
         let seeds = seed_inputs();
-        assert_eq!(seeds.len(), 2 + 4 + 3 + 3 + 8 + 2);
+        assert_eq!(seeds.len(), 2 + 4 + 3 + 3 + 8 + 2 + 9);
         let [a, _] = fixture_devices();
         let ring = fixture_keyring();
         for (target, bytes) in &seeds {
@@ -632,6 +632,14 @@ mod tests {
                     batch_apply(bytes);
                 }
                 "change_apply" => change_apply(bytes),
+                "message_decode" => {
+                    // Every seed decodes as one of the three kinds.
+                    let decodes = crate::wire::message::Message::decode(bytes).is_ok()
+                        || crate::wire::message::decode_datagram(bytes).is_ok()
+                        || crate::crypto::group::GroupUpdate::decode(bytes).is_ok();
+                    assert!(decodes, "a message_decode seed that decodes as nothing");
+                    message_decode(bytes);
+                }
                 other => panic!("unknown target {other}"),
             }
         }
@@ -646,6 +654,7 @@ mod tests {
             pairing_handle(data);
             batch_apply(data);
             change_apply(data);
+            message_decode(data);
         }
     }
 

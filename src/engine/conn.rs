@@ -15,6 +15,9 @@ use crate::wire::frame::Frame;
 pub const BACKOFF_START_MS: u64 = 100;
 /// Longest delay between reconnects.
 pub const BACKOFF_MAX_MS: u64 = 10_000;
+/// A connection that lasted this long resets the backoff; one that ended sooner (a relay that
+/// refuses this device right after the handshake, say) keeps backing off.
+pub const BACKOFF_RESET_AFTER_MS: u64 = 10_000;
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
@@ -95,7 +98,7 @@ async fn session(
         host: format!("{} (no answer in {CONNECT_TIMEOUT_MS} ms)", relay.host),
     })??;
     let (send, recv) = conn.open_bi().await.map_err(NetError::Connection)?;
-    *attempt = 0;
+    let connected_at = std::time::Instant::now();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
     if worker
         .send(Input::Net(NetEvent::Connected {
@@ -163,6 +166,9 @@ async fn session(
         r = reader => r,
         r = datagrams => r,
     };
+    if connected_at.elapsed() >= Duration::from_millis(BACKOFF_RESET_AFTER_MS) {
+        *attempt = 0;
+    }
     conn.close(0u32.into(), b"bye");
     result
 }

@@ -65,6 +65,9 @@ use worker::{Input, Worker};
 /// Events buffered per subscriber before the slowest one starts losing them (it then gets
 /// `RecvError::Lagged` and should re-read state).
 pub const EVENT_BUFFER: usize = 16 * 1024;
+/// How long creating a conversation or changing members waits for the relay to answer with the
+/// members' device logs.
+pub const LOG_FETCH_TIMEOUT_MS: u64 = 30_000;
 /// How long linking waits for the other device.
 pub const LINK_TIMEOUT_MS: u64 = 120_000;
 
@@ -492,8 +495,9 @@ impl Engine {
             })??;
         conn.close(0u32.into(), b"linked");
         endpoint.wait_idle().await;
-        let joined = join.handle_response(&response, now_ms(), &secret)?;
         let (worker, events) = blocking(move || {
+            // Verifying the log and unwrapping every key is CPU work: off the executor.
+            let joined = join.handle_response(&response, now_ms(), &secret)?;
             let replica = Self::new_store(&config, &secret, &joined.log, &joined.keyring)?;
             let (events, _) = broadcast::channel(EVENT_BUFFER);
             let worker = Worker::new(
@@ -700,7 +704,13 @@ impl Engine {
             Ok(())
         })
         .await?;
-        rx.await.map_err(|_| EngineError::Closed)?
+        tokio::time::timeout(Duration::from_millis(LOG_FETCH_TIMEOUT_MS), rx)
+            .await
+            .map_err(|_| EngineError::Timeout {
+                what: "device logs from the relay",
+                ms: LOG_FETCH_TIMEOUT_MS,
+            })?
+            .map_err(|_| EngineError::Closed)?
     }
 
     /// Sends a text message; durable here when this returns, uploaded as soon as a relay is

@@ -23,6 +23,8 @@ pub(crate) enum Pending {
     Hello,
     /// Device-log entries sent.
     LogAppend,
+    /// This device's missing log entries sent at connection; hello follows once stored.
+    LogAppendThenHello,
     /// A device log asked for.
     FetchLog(AccountId),
     /// A group update posted.
@@ -197,6 +199,14 @@ impl Session {
             }
         }
         fetch
+    }
+
+    /// Puts `doc`'s cursor back to `seq` (what arrived past it could not be used yet), and
+    /// forgets an open fetch so a new one can start.
+    pub fn rewind(&mut self, doc: &DocId, seq: u64) {
+        let c = self.cursors.entry(*doc).or_default();
+        c.seq = seq;
+        c.fetching = false;
     }
 
     /// A fetch of `doc` that ended without reaching the end (more) or failed.

@@ -44,6 +44,9 @@ pub const SILENT_RELAY_MS: u64 = 5_000;
 /// After this long without hearing from a relay, an idle device asks it something small (its
 /// own device log's tail), so a dead connection is found by [`SILENT_RELAY_MS`].
 pub const HEARTBEAT_MS: u64 = 5_000;
+/// Times a document's envelopes are fetched again after "not yet" refusals (unknown author
+/// device, missing key) before they are taken as refused for good.
+pub const MAX_BLOCKED_RETRIES: u32 = 3;
 /// Plaintext of a typing signal: conversation id (16) + account (32) + flag (1).
 const TYPING_LEN: usize = 16 + 32 + 1;
 
@@ -130,6 +133,8 @@ struct Arrivals {
     envelopes: Vec<Vec<u8>>,
     /// (relay, cursor step) to store once applied.
     steps: Vec<(usize, CursorStep)>,
+    /// Each relay's cursor before this turn, to go back to if an envelope cannot be opened yet.
+    before: Vec<(usize, u64)>,
 }
 
 /// The worker's state.
@@ -138,7 +143,9 @@ pub(crate) struct Worker {
     pub(crate) secret: DeviceSecret,
     pub(crate) log: DeviceLog,
     logs: HashMap<AccountId, DeviceLog>,
-    device_account: HashMap<DeviceId, AccountId>,
+    /// The accounts whose logs list each device. Usually one; a log can list another account's
+    /// device (its public keys are public), so every check asks "is it among them".
+    device_account: HashMap<DeviceId, Vec<AccountId>>,
     keyring: Keyring,
     groups: HashMap<DocId, Group>,
     docs: HashMap<DocId, DocAddr>,
@@ -154,6 +161,9 @@ pub(crate) struct Worker {
     /// Cursors that moved this turn (relay key, document, sequence number), stored with the
     /// turn's commit: never before the changes they cover.
     pending_cursors: Vec<([u8; 32], DocAddr, u64)>,
+    /// Documents with envelopes that could not be opened yet (author's device or key not
+    /// known here yet), with the attempts so far: fetched again once logs or groups arrive.
+    blocked: HashMap<DocId, u32>,
     pub(crate) stopping: bool,
 }
 
@@ -236,6 +246,7 @@ impl Worker {
             log_waiters: Vec::new(),
             replies: Vec::new(),
             pending_cursors: Vec::new(),
+            blocked: HashMap::new(),
             stopping: false,
         };
         w.index_devices();
@@ -301,15 +312,23 @@ impl Worker {
     }
 
     fn index_devices(&mut self) {
-        let mut map = HashMap::new();
+        let mut map: HashMap<DeviceId, Vec<AccountId>> = HashMap::new();
         for log in self.logs.values().chain(std::iter::once(&self.log)) {
             for e in log.entries() {
                 if let EntryAction::Genesis(info) | EntryAction::Add(info) = &e.action {
-                    map.insert(info.keys.device, log.account());
+                    let accounts = map.entry(info.keys.device).or_default();
+                    if !accounts.contains(&log.account()) {
+                        accounts.push(log.account());
+                    }
                 }
             }
         }
         self.device_account = map;
+    }
+
+    /// The accounts whose logs list `device`.
+    pub(crate) fn accounts_of(&self, device: &DeviceId) -> &[AccountId] {
+        self.device_account.get(device).map_or(&[], Vec::as_slice)
     }
 
     pub(crate) fn account(&self) -> AccountId {

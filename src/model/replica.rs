@@ -271,6 +271,11 @@ impl Replica {
         let id = MessageId { hlc, device };
         let c = self.member_conversation(conversation)?;
         c.send(cap, id.key(), &account, draft)?;
+        // An own message below what a cached unread count covered (the clock did not follow a
+        // message stamped too far ahead) changes that count: count again.
+        if c.unread_cache().is_some_and(|u| id.key() <= u.newest) {
+            c.forget_unread();
+        }
         Ok(id)
     }
 

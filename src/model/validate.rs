@@ -230,22 +230,28 @@ fn op_exists(doc: &Automerge, id: &OpId) -> bool {
 /// The accounts a run of segment changes speaks for: the author account of each message it
 /// writes (`acct`) and the account of each reaction key (`rx/<account>/…`). The sync layer
 /// checks them against the signing device's account, so no member can write as another.
-/// `None` if a change does not decode or names an account malformed.
+/// `None` if a change does not decode, names an account malformed, or touches `acct` other than
+/// by setting it on a message map the same change creates (deleting or rewriting the author of
+/// an existing message would hide it or take it over).
 pub fn claimed_accounts(changes: &[Change]) -> Option<Vec<crate::ids::AccountId>> {
     use crate::ids::AccountId;
     use crate::model::message::{ACCT, REACTION_PREFIX};
     let mut out = Vec::new();
     for change in changes {
         let expanded = decode(change)?;
+        let start = expanded.start_op.get();
+        let end = start.saturating_add(expanded.operations.len() as u64);
+        let made_here = |obj: &ObjectId| matches!(obj, ObjectId::Id(id) if id.1 == expanded.actor_id && (start..end).contains(&id.0));
         for op in &expanded.operations {
             let Key::Map(key) = &op.key else {
                 continue;
             };
             if key.as_str() == ACCT {
-                if let OpType::Put(automerge::ScalarValue::Bytes(b)) = &op.action {
-                    out.push(AccountId::from_bytes(b.as_slice().try_into().ok()?));
-                } else if !matches!(op.action, OpType::Delete) {
-                    return None;
+                match &op.action {
+                    OpType::Put(automerge::ScalarValue::Bytes(b)) if made_here(&op.obj) => {
+                        out.push(AccountId::from_bytes(b.as_slice().try_into().ok()?));
+                    }
+                    _ => return None,
                 }
             } else if let Some(rest) = key.strip_prefix(REACTION_PREFIX) {
                 let hex = rest.split('/').next()?;

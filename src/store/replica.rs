@@ -392,8 +392,12 @@ impl StoredReplica {
         mut extra: impl FnMut(&mut StoreTx<'_>) -> std::result::Result<(), StoreError>,
     ) -> Result<()> {
         self.persist(Some(&mut extra))?;
-        self.shrink_cache()?;
-        self.shrink_disk()
+        // The commit is done: what follows is upkeep, and its failure must not make a caller
+        // believe stored operations were lost.
+        if let Err(e) = self.shrink_cache().and_then(|()| self.shrink_disk()) {
+            tracing::warn!(error = %e, "cache or disk budget upkeep failed after a commit");
+        }
+        Ok(())
     }
 
     /// Documents in memory with changes not stored yet (while writes are deferred).
@@ -486,7 +490,11 @@ impl StoredReplica {
                 None => Ok(()),
             }
         })?;
-        self.compact(unsaved.iter().map(|(a, _)| *a).collect())
+        // Compaction after the commit is upkeep: a failure leaves the chunks, which still load.
+        if let Err(e) = self.compact(unsaved.iter().map(|(a, _)| *a).collect()) {
+            tracing::warn!(error = %e, "compaction failed after a commit");
+        }
+        Ok(())
     }
 
     /// The summary of a conversation as it is now, loading what it needs; `None` while its meta

@@ -17,6 +17,7 @@ impl Worker {
         let Some(r) = self.relays.get_mut(relay) else {
             return;
         };
+        let before = r.session.cursor(&doc);
         let step = if req == 0 {
             // A push: one envelope with its predecessor.
             let mut step = CursorStep::default();
@@ -36,7 +37,9 @@ impl Worker {
             let step = r
                 .session
                 .on_fetched(doc, items.last().map(|i| i.seq), more && is_fetch);
-            if !more {
+            // Only a fetch that reached the end clears a gap a push showed: a catch-up ending
+            // says nothing of pushes dropped meanwhile (`end_catch_up` fetches for those).
+            if !more && is_fetch {
                 r.session.caught_up(&doc);
             }
             step
@@ -44,6 +47,9 @@ impl Worker {
         let a = arrivals.entry(doc).or_default();
         a.envelopes.extend(items.into_iter().map(|i| i.envelope));
         a.steps.push((relay, step));
+        if !a.before.iter().any(|(r, _)| *r == relay) {
+            a.before.push((relay, before));
+        }
     }
 
     /// Opens, checks and applies everything gathered, one apply call for all documents, then
@@ -57,10 +63,16 @@ impl Worker {
                 tracing::debug!(?doc, "envelopes of an unknown document dropped");
                 continue;
             };
+            let attempts = self.blocked.get(&doc).copied().unwrap_or(0);
+            let mut not_yet = false;
             for bytes in &a.envelopes {
                 match self.open_changes(&addr, bytes) {
                     Ok(Some(batch)) => batches.push(batch),
                     Ok(None) => {}
+                    Err(e) if is_not_yet(&e) && attempts < MAX_BLOCKED_RETRIES => {
+                        tracing::debug!(?addr, error = %e, "envelope waits for a log or a key");
+                        not_yet = true;
+                    }
                     Err(e) => {
                         tracing::warn!(?addr, error = %e, "envelope refused");
                         self.emit(Event::Refused {
@@ -70,6 +82,18 @@ impl Worker {
                     }
                 }
             }
+            if not_yet {
+                // Keep the cursors where they were, learn what is missing, fetch again.
+                for (relay, before) in &a.before {
+                    if let Some(r) = self.relays.get_mut(*relay) {
+                        r.session.rewind(&doc, *before);
+                    }
+                }
+                self.blocked.insert(doc, attempts + 1);
+                self.refresh_group_of(&addr);
+                continue;
+            }
+            self.blocked.remove(&doc);
             steps.extend(a.steps.into_iter().map(|(r, s)| (r, doc, s)));
         }
         if !batches.is_empty() {
@@ -92,6 +116,56 @@ impl Worker {
         }
         // Stored with the changes at the end of the turn (`commit_turn`).
         self.store_cursors(steps);
+    }
+
+    /// Asks a relay for what opening envelopes of `addr` may lack: the device logs of the
+    /// group's members and the group's later updates. `retry_blocked` fetches again after.
+    fn refresh_group_of(&mut self, addr: &DocAddr) {
+        let group = group_of(addr);
+        let Some(relay) = self.live_relays().first().copied() else {
+            return;
+        };
+        let members = self.group_members(&group).unwrap_or_default();
+        for account in members {
+            let from_seq = if account == self.account() {
+                self.log.len() as u32
+            } else {
+                self.logs.get(&account).map_or(0, |l| l.len() as u32)
+            };
+            self.request(relay, Pending::FetchLog(account), |req| Message::FetchLog {
+                req,
+                account,
+                from_seq,
+            });
+        }
+        let from_version = self
+            .groups
+            .get(&group)
+            .map_or(0, |g| g.updates.len() as u32);
+        self.request(relay, Pending::FetchGroup(group), |req| {
+            Message::FetchGroup {
+                req,
+                group,
+                from_version,
+            }
+        });
+    }
+
+    /// Fetches again the documents whose envelopes could not be opened yet.
+    pub(super) fn retry_blocked(&mut self) {
+        let docs: Vec<DocId> = self.blocked.keys().copied().collect();
+        for relay in self.live_relays() {
+            for doc in &docs {
+                let doc = *doc;
+                let after_seq = self.relays[relay].session.cursor(&doc);
+                self.request(relay, Pending::Fetch(doc), |req| Message::Fetch {
+                    req,
+                    doc,
+                    after_seq,
+                    limit: FETCH_LIMIT,
+                });
+            }
+        }
     }
 
     /// Checks an envelope of `addr` and returns its changes. `None` for a snapshot (not
@@ -121,24 +195,25 @@ impl Worker {
         // The changes must be the author's own, exactly the range the header names: this is
         // what ties an Automerge actor to a signing device.
         let author = opened.header.author;
-        let expected = opened.header.last_seq - opened.header.first_seq + 1;
+        // `decode` checked first <= last; a range of 2^64 changes cannot match any batch.
+        let expected = (opened.header.last_seq - opened.header.first_seq).checked_add(1);
         let own = batch.changes.iter().all(|c| {
             c.actor_id().to_bytes() == author.as_bytes()
                 && (opened.header.first_seq..=opened.header.last_seq).contains(&c.seq())
         });
-        if !own || batch.changes.len() as u64 != expected {
+        if !own || Some(batch.changes.len() as u64) != expected {
             return Err(EngineError::Mismatch {
                 what: "changes and the envelope's author range",
             });
         }
         // Messages and reactions name an account; it must be the signing device's.
         if let DocAddr::Segment(..) = addr {
-            let account = self.device_account.get(&author);
+            let accounts = self.accounts_of(&author);
             let claims =
                 crate::model::claimed_accounts(&batch.changes).ok_or(EngineError::Mismatch {
                     what: "accounts named in the changes",
                 })?;
-            if claims.iter().any(|c| Some(c) != account) {
+            if claims.iter().any(|c| !accounts.contains(c)) {
                 return Err(EngineError::Mismatch {
                     what: "the message or reaction account and the signing device's account",
                 });
@@ -149,12 +224,10 @@ impl Worker {
 
     /// Whether `author` is a device of an account that is, or was, a member of `group`.
     pub(super) fn may_write(&self, author: &DeviceId, group: &DocId) -> bool {
-        let Some(account) = self.device_account.get(author) else {
-            return false;
-        };
+        let accounts = self.accounts_of(author);
         self.groups
             .get(group)
-            .is_some_and(|g| g.ever_member(account))
+            .is_some_and(|g| accounts.iter().any(|a| g.ever_member(a)))
     }
 
     pub(super) fn after_apply(&mut self, report: crate::model::ApplyReport) {
@@ -230,4 +303,17 @@ impl Worker {
         self.subscribe_everywhere(&new);
         Ok(())
     }
+}
+
+/// Whether opening failed only for what this device does not know yet: the author's device
+/// (its account's log not fetched) or the key of the envelope's epoch (its group update not
+/// arrived).
+fn is_not_yet(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::Envelope(
+            crate::crypto::envelope::EnvelopeError::NotAuthorised { .. }
+                | crate::crypto::envelope::EnvelopeError::MissingKey { .. }
+        )
+    )
 }

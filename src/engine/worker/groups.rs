@@ -26,15 +26,34 @@ impl Worker {
             if update.group != group {
                 continue;
             }
-            let g = self.groups.entry(group).or_default();
-            if (update.version as usize) < g.updates.len() {
+            let have = self.groups.get(&group).map_or(0, |g| g.updates.len());
+            if (update.version as usize) < have {
                 continue;
             }
+            if update.version as usize > have {
+                // A push after updates this device has not seen (added to an existing group,
+                // or a dropped push): fetch the chain from where it stands.
+                let from_version = have as u32;
+                self.request(relay, Pending::FetchGroup(group), |req| {
+                    Message::FetchGroup {
+                        req,
+                        group,
+                        from_version,
+                    }
+                });
+                break;
+            }
+            let g = self.groups.entry(group).or_default();
             update.check_follows(g.latest())?;
             update.verify_signature()?;
-            match self.device_account.get(&update.signer) {
-                Some(a) if *a == update.signer_account => {}
-                Some(_) => {
+            let signer_ok = self
+                .logs
+                .get(&update.signer_account)
+                .or((update.signer_account == self.log.account()).then_some(&self.log))
+                .map(|log| log.device(&update.signer).is_some());
+            match signer_ok {
+                Some(true) => {}
+                Some(false) => {
                     return Err(EngineError::Mismatch {
                         what: "group update signer and its account",
                     });
@@ -114,7 +133,9 @@ impl Worker {
             }
         }
         self.subscribe_everywhere(&subscribe);
-        // Local changes waiting for a key (none usually) can be sealed now.
+        // Local changes waiting for a key (none usually) can be sealed now. Operations of this
+        // turn are stored first: nothing is sealed (and sent) before it is durable.
+        self.replica.flush()?;
         let all: BTreeSet<DocAddr> = self.docs.values().copied().collect();
         self.seal_new(all)
     }

@@ -48,6 +48,12 @@ impl Worker {
                     r.session.reset();
                     r.state = ConnectionState::Offline { retry_in_ms };
                 }
+                // Whoever waits for device logs asked of this connection gets an answer.
+                if self.live_relays().is_empty() {
+                    for w in std::mem::take(&mut self.log_waiters) {
+                        let _ = w.done.send(Err(EngineError::Offline));
+                    }
+                }
                 self.emit_status();
             }
             NetEvent::Datagram { relay, bytes } => {
@@ -131,11 +137,27 @@ impl Worker {
                 first_seq,
                 entries,
                 ..
-            } => self.on_log_entries(account, first_seq, entries),
-            Message::GroupUpdates { group, updates, .. } => {
-                self.on_group_updates(relay, group, updates)
+            } => {
+                let done = self.on_log_entries(account, first_seq, entries);
+                if let Err(e) = &done {
+                    // A log that does not verify still answers whoever waits for it.
+                    self.fail_log_waiters(&account, ErrorCode::REJECTED, &e.to_string());
+                }
+                done
             }
-            Message::Done { .. } => self.on_done(relay, pending),
+            Message::GroupUpdates { group, updates, .. } => {
+                let done = self.on_group_updates(relay, group, updates);
+                if matches!(pending, Some(Pending::FetchGroup(_))) {
+                    self.retry_blocked();
+                }
+                done
+            }
+            Message::Done { .. } => {
+                if matches!(pending, Some(Pending::FetchGroup(_))) {
+                    self.retry_blocked();
+                }
+                self.on_done(relay, pending)
+            }
             Message::Ack {
                 doc,
                 seq,
@@ -173,19 +195,15 @@ impl Worker {
         let ours = self.log.len() as u32;
         if relay_log_len < ours {
             let entries = self.log.entries()[relay_log_len as usize..].to_vec();
-            self.request(relay, Pending::LogAppend, |req| Message::LogAppend {
-                req,
-                account,
-                first_seq: relay_log_len,
-                entries,
-            });
-            // The relay authenticates this connection once it has the entries; say hello again.
-            let (log_len, log_head) = (ours, self.log.head());
-            self.request(relay, Pending::Hello, |req| Message::Hello {
-                req,
-                account,
-                log_len,
-                log_head,
+            // The relay authenticates this connection once it has the entries: hello again
+            // when it says they are stored (`on_done`), not before, so a refusal cannot loop.
+            self.request(relay, Pending::LogAppendThenHello, |req| {
+                Message::LogAppend {
+                    req,
+                    account,
+                    first_seq: relay_log_len,
+                    entries,
+                }
             });
             return Ok(());
         }
@@ -201,14 +219,22 @@ impl Worker {
         // a member of with their latest version.
         let relay_has: HashMap<DocId, u32> = groups.iter().copied().collect();
         let me = self.account();
+        let my_device = self.device();
         let mut missing: Vec<GroupUpdate> = Vec::new();
+        // Groups this relay will accept subscriptions for: those it lists, and those whose
+        // missing updates this device signed (it accepts only a connection's own updates).
+        let mut known: HashSet<DocId> = relay_has.keys().copied().collect();
         for (id, g) in &self.groups {
             let still_member = g.latest().is_some_and(|u| u.is_member(&me));
             if g.addr.is_none() || !still_member {
                 continue;
             }
             let from = relay_has.get(id).map_or(0, |v| *v as usize + 1);
-            missing.extend(g.updates.iter().skip(from).cloned());
+            let lacking: Vec<GroupUpdate> = g.updates.iter().skip(from).cloned().collect();
+            if lacking.iter().all(|u| u.signer == my_device) {
+                known.insert(*id);
+                missing.extend(lacking);
+            }
         }
         missing.sort_by_key(|u| u.version);
         for update in missing {
@@ -222,7 +248,7 @@ impl Worker {
                 .groups
                 .get(&group)
                 .map_or(0, |g| g.updates.len() as u32);
-            if version + 1 > have {
+            if u64::from(version) + 1 > u64::from(have) {
                 self.request(relay, Pending::FetchGroup(group), |req| {
                     Message::FetchGroup {
                         req,
@@ -232,7 +258,12 @@ impl Worker {
                 });
             }
         }
-        let docs: Vec<DocAddr> = self.docs.values().copied().collect();
+        let docs: Vec<DocAddr> = self
+            .docs
+            .values()
+            .copied()
+            .filter(|a| known.contains(&group_of(a)))
+            .collect();
         self.subscribe(relay, &docs);
         self.flush_outbox(relay);
         Ok(())
@@ -247,7 +278,13 @@ impl Worker {
         }
         let items: Vec<Subscription> = addrs
             .iter()
-            .filter(|a| self.groups.contains_key(&group_of(a)))
+            .filter(|a| {
+                let me = self.log.account();
+                self.groups
+                    .get(&group_of(a))
+                    .and_then(|g| g.latest())
+                    .is_some_and(|u| u.is_member(&me))
+            })
             .map(|a| Subscription {
                 doc: a.doc_id(),
                 group: group_of(a),
@@ -298,6 +335,16 @@ impl Worker {
         relay: usize,
         pending: Option<Pending>,
     ) -> Result<(), EngineError> {
+        if let Some(Pending::LogAppendThenHello) = pending {
+            let account = self.account();
+            let (log_len, log_head) = (self.log.len() as u32, self.log.head());
+            self.request(relay, Pending::Hello, |req| Message::Hello {
+                req,
+                account,
+                log_len,
+                log_head,
+            });
+        }
         if let Some(Pending::Subscribe(docs)) = pending {
             let fetch = match self.relays.get_mut(relay) {
                 Some(r) => r.session.end_catch_up(&docs),

@@ -69,8 +69,8 @@ impl Worker {
         let conversation = ConversationId::from_bytes(c);
         let account = AccountId::from_bytes(a);
         // The signal must come from that account and be about this group.
-        let author_account = self.device_account.get(&opened.header.author);
-        if DocAddr::Meta(conversation).doc_id() != group || author_account != Some(&account) {
+        let from_account = self.accounts_of(&opened.header.author).contains(&account);
+        if DocAddr::Meta(conversation).doc_id() != group || !from_account {
             return false;
         }
         if account != self.account() {

@@ -366,3 +366,34 @@ fn cached_unread_counts_match_a_fresh_count_through_late_arrivals_recalls_and_hi
     sync(&a, &mut b, T0 + 401);
     assert_eq!(check(&b, "after a new message past the cache"), 1);
 }
+
+#[test]
+fn rewriting_or_deleting_a_message_author_is_not_a_claim_that_passes() {
+    use crate::model::claimed_accounts;
+    use automerge::{ReadDoc, transaction::Transactable};
+    let mut a = replica(1, 1, 16);
+    let c = a.create_conversation(T0, "authors", &[account(2)]).unwrap();
+    let m = a.send(T0 + 1, &c, &Draft::text("mine")).unwrap();
+    let segment = DocAddr::Segment(c, 0);
+    let saved = a.save_doc(&segment).unwrap();
+    for delete in [false, true] {
+        let mut doc = automerge::AutoCommit::load(&saved).unwrap();
+        doc.set_actor(automerge::ActorId::from(device(2).as_bytes()));
+        let (_, obj) = doc
+            .get(automerge::ROOT, m.key().encode())
+            .unwrap()
+            .expect("the message map");
+        if delete {
+            doc.delete(&obj, "acct").unwrap();
+        } else {
+            doc.put(
+                &obj,
+                "acct",
+                automerge::ScalarValue::Bytes(account(2).as_bytes().to_vec()),
+            )
+            .unwrap();
+        }
+        let change = doc.get_last_local_change().unwrap().clone();
+        assert_eq!(claimed_accounts(&[change]), None, "delete: {delete}");
+    }
+}
