@@ -334,3 +334,35 @@ async fn with_two_relays_either_one_carries_the_traffic() {
     r1.shutdown().await;
     r2.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_outbox_drains_once_the_relay_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start(RelayConfig::new(
+        dir.path().join("r"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    let (addr, local) = (r.addr(), r.local_addr());
+    let a = account(dir.path(), "a", &addr).await;
+    let notes = a.create_conversation("notes", &[]).await.unwrap();
+    until_uploaded(&a).await;
+    r.shutdown().await;
+    // More envelopes than may be in flight at once, each its own commit.
+    let total = roamsync::engine::MAX_APPENDS_IN_FLIGHT + 300;
+    for i in 0..total {
+        a.send(&notes, &format!("offline {i}")).await.unwrap();
+    }
+    assert!(a.sync_status().await.unwrap().pending_uploads >= total);
+    let r = Relay::start(RelayConfig::new(dir.path().join("r"), local))
+        .await
+        .unwrap();
+    until_uploaded(&a).await;
+    // Another device of the account reads them all from the relay.
+    let a2 = linked(dir.path(), "a2", &addr, &a).await;
+    until_history(&a2, &notes, total).await;
+    a.shutdown().await;
+    a2.shutdown().await;
+    r.shutdown().await;
+}

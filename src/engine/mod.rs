@@ -58,7 +58,10 @@ use crate::wire::message::Message as WireMessage;
 
 pub use conn::{BACKOFF_MAX_MS, BACKOFF_START_MS, backoff_ms};
 pub use session::FETCH_LIMIT;
-pub use worker::{INVITE_TTL_MS, MAX_INPUTS_PER_TURN};
+pub use worker::{
+    HEARTBEAT_MS, INVITE_TTL_MS, MAX_APPENDS_IN_FLIGHT, MAX_BLOCKED_RETRIES, MAX_INPUTS_PER_TURN,
+    SILENT_RELAY_MS,
+};
 
 use worker::{Input, Worker};
 

@@ -129,6 +129,17 @@ impl Session {
         self.pending.remove(&req)
     }
 
+    /// Outbox rows whose append is open.
+    pub fn appends_in_flight(&self) -> std::collections::HashSet<i64> {
+        self.pending
+            .values()
+            .filter_map(|p| match p {
+                Pending::Append { outbox } => Some(*outbox),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Open requests.
     pub fn open_requests(&self) -> usize {
         self.pending.len()

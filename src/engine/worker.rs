@@ -44,6 +44,9 @@ pub const SILENT_RELAY_MS: u64 = 5_000;
 /// After this long without hearing from a relay, an idle device asks it something small (its
 /// own device log's tail), so a dead connection is found by [`SILENT_RELAY_MS`].
 pub const HEARTBEAT_MS: u64 = 5_000;
+/// Most appends open on one relay at once (a reconnect with a large outbox sends this many,
+/// then more as they are acknowledged).
+pub const MAX_APPENDS_IN_FLIGHT: usize = 1_024;
 /// Times a document's envelopes are fetched again after "not yet" refusals (unknown author
 /// device, missing key) before they are taken as refused for good.
 pub const MAX_BLOCKED_RETRIES: u32 = 3;

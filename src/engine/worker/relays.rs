@@ -5,7 +5,8 @@ use super::*;
 impl Worker {
     // ---- network input ---------------------------------------------------------------------
 
-    /// Reconnects to relays that went silent with requests open.
+    /// Every second: reconnects to relays that went silent with requests open, sends a
+    /// heartbeat to quiet ones, and offers each live relay what it has not acknowledged.
     pub(super) fn check_silent_relays(&mut self, now: u64) {
         let (account, from_seq) = (self.account(), self.log.len() as u32);
         for i in 0..self.relays.len() {
@@ -25,6 +26,9 @@ impl Worker {
                     account,
                     from_seq,
                 });
+            }
+            if self.relays[i].state == ConnectionState::Live {
+                self.flush_outbox(i);
             }
         }
     }
@@ -313,12 +317,24 @@ impl Worker {
         }
     }
 
+    /// Offers a relay the outbox envelopes it has not acknowledged and that are not in flight,
+    /// oldest first, up to [`MAX_APPENDS_IN_FLIGHT`] open at once: on connection, every second
+    /// (appends refused for a while, e.g. rate limited, go again), and as acks free room.
     pub(super) fn flush_outbox(&mut self, relay: usize) {
         let bit = 1u64 << relay.min(63);
+        let Some(r) = self.relays.get(relay) else {
+            return;
+        };
+        if r.out.is_none() {
+            return;
+        }
+        let in_flight = r.session.appends_in_flight();
+        let room = MAX_APPENDS_IN_FLIGHT.saturating_sub(in_flight.len());
         let items: Vec<(i64, DocId, SealedEnvelope)> = self
             .outbox
             .iter()
-            .filter(|(_, it)| it.acked & bit == 0)
+            .filter(|(id, it)| it.acked & bit == 0 && !in_flight.contains(id))
+            .take(room)
             .map(|(id, it)| (*id, it.group, it.envelope.clone()))
             .collect();
         for (outbox, group, envelope) in items {
@@ -431,6 +447,14 @@ impl Worker {
             self.outbox.remove(&outbox);
             self.replica.store().write(|tx| tx.ack_outbox(outbox))?;
             self.emit_status();
+        }
+        // A backlog (after a reconnect) drains as acks come, half a window at a time.
+        let in_flight = self
+            .relays
+            .get(relay)
+            .map_or(0, |r| r.session.appends_in_flight().len());
+        if in_flight == MAX_APPENDS_IN_FLIGHT / 2 {
+            self.flush_outbox(relay);
         }
         if !duplicate {
             let step = match self.relays.get_mut(relay) {
