@@ -138,17 +138,7 @@ impl Worker {
                 from_seq,
             });
         }
-        let from_version = self
-            .groups
-            .get(&group)
-            .map_or(0, |g| g.updates.len() as u32);
-        self.request(relay, Pending::FetchGroup(group), |req| {
-            Message::FetchGroup {
-                req,
-                group,
-                from_version,
-            }
-        });
+        self.fetch_group(relay, group);
     }
 
     /// Fetches again the documents whose envelopes could not be opened yet.

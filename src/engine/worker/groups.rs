@@ -33,14 +33,7 @@ impl Worker {
             if update.version as usize > have {
                 // A push after updates this device has not seen (added to an existing group,
                 // or a dropped push): fetch the chain from where it stands.
-                let from_version = have as u32;
-                self.request(relay, Pending::FetchGroup(group), |req| {
-                    Message::FetchGroup {
-                        req,
-                        group,
-                        from_version,
-                    }
-                });
+                self.fetch_group(relay, group);
                 break;
             }
             let g = self.groups.entry(group).or_default();
@@ -106,17 +99,7 @@ impl Worker {
                 from_seq: 0,
             });
             // Once the log is in, the rest of the chain is fetched again.
-            let from_version = self
-                .groups
-                .get(&group)
-                .map_or(0, |g| g.updates.len() as u32);
-            self.request(relay, Pending::FetchGroup(group), |req| {
-                Message::FetchGroup {
-                    req,
-                    group,
-                    from_version,
-                }
-            });
+            self.fetch_group(relay, group);
         }
         for addr in &new_docs {
             self.docs.insert(addr.doc_id(), *addr);
@@ -138,6 +121,21 @@ impl Worker {
         self.replica.flush()?;
         let all: BTreeSet<DocAddr> = self.docs.values().copied().collect();
         self.seal_new(all)
+    }
+
+    /// Asks `relay` for the updates of `group` after the ones this device holds.
+    pub(super) fn fetch_group(&mut self, relay: usize, group: DocId) {
+        let from_version = self
+            .groups
+            .get(&group)
+            .map_or(0, |g| g.updates.len() as u32);
+        self.request(relay, Pending::FetchGroup(group), |req| {
+            Message::FetchGroup {
+                req,
+                group,
+                from_version,
+            }
+        });
     }
 
     /// Records a group update made here and posts it to connected relays.
@@ -182,7 +180,19 @@ impl Worker {
             return Ok(());
         }
         let recipients = vec![self.secret.public()];
-        let (epoch, wrapped) = self.keyring.rotate(group, &recipients, &mut self.rng)?;
+        self.create_group(addr, vec![self.account()], &recipients)
+    }
+
+    /// Makes version 0 of the group of `addr`: a fresh key wrapped to `recipients`, the label
+    /// sealed under it, signed by this device; records and posts it.
+    fn create_group(
+        &mut self,
+        addr: DocAddr,
+        members: Vec<AccountId>,
+        recipients: &[DevicePublic],
+    ) -> Result<(), EngineError> {
+        let group = addr.doc_id();
+        let (epoch, wrapped) = self.keyring.rotate(group, recipients, &mut self.rng)?;
         self.store_new_key(group, epoch)?;
         let key = self
             .keyring
@@ -197,7 +207,7 @@ impl Worker {
             self.account(),
             group,
             0,
-            vec![self.account()],
+            members,
             wrapped,
             label,
         )?;
@@ -218,30 +228,9 @@ impl Worker {
         let recipients = self.current_devices(&members)?;
         let c = self.replica.create_conversation(now_ms(), title, others)?;
         let addr = DocAddr::Meta(c);
-        let group = addr.doc_id();
-        let (epoch, wrapped) = self.keyring.rotate(group, &recipients, &mut self.rng)?;
-        self.store_new_key(group, epoch)?;
-        let key = self
-            .keyring
-            .key(&group, epoch)
-            .cloned()
-            .ok_or(EngineError::Mismatch {
-                what: "a key just made",
-            })?;
-        let label = SealedLabel::seal(&addr, epoch, &key, &mut self.rng);
-        let update = GroupUpdate::sign(
-            &self.secret,
-            self.account(),
-            group,
-            0,
-            members,
-            wrapped,
-            label,
-        )?;
-        self.docs.insert(group, addr);
+        self.create_group(addr, members, &recipients)?;
         let seg = DocAddr::Segment(c, 0);
         self.docs.insert(seg.doc_id(), seg);
-        self.publish_group(update, addr)?;
         self.subscribe_everywhere(&[addr, seg]);
         self.after_local()?;
         Ok(c)

@@ -253,13 +253,7 @@ impl Worker {
                 .get(&group)
                 .map_or(0, |g| g.updates.len() as u32);
             if u64::from(version) + 1 > u64::from(have) {
-                self.request(relay, Pending::FetchGroup(group), |req| {
-                    Message::FetchGroup {
-                        req,
-                        group,
-                        from_version: have,
-                    }
-                });
+                self.fetch_group(relay, group);
             }
         }
         let docs: Vec<DocAddr> = self
