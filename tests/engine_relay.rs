@@ -11,15 +11,6 @@ use roamsync::net::PeerAddr;
 use roamsync::relay::server::{Relay, RelayConfig};
 use support::*;
 
-async fn relay(dir: &std::path::Path) -> Relay {
-    Relay::start(RelayConfig::new(
-        dir.join("relay"),
-        "127.0.0.1:0".parse().unwrap(),
-    ))
-    .await
-    .expect("relay starts")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_delivery_reaches_every_device_of_both_accounts() {
     let dir = tempfile::tempdir().unwrap();

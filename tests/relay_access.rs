@@ -9,20 +9,10 @@ use roamsync::crypto::identity::DeviceSecret;
 use roamsync::crypto::rng::SeedRng;
 use roamsync::engine::Event;
 use roamsync::ids::DocAddr;
-use roamsync::relay::server::{Relay, RelayConfig};
 use roamsync::wire::frame::{ErrorCode, Frame};
 use roamsync::wire::message::{Message, Subscription};
 use support::raw::Client as Raw;
 use support::*;
-
-async fn relay(dir: &std::path::Path) -> Relay {
-    Relay::start(RelayConfig::new(
-        dir.join("relay"),
-        "127.0.0.1:0".parse().unwrap(),
-    ))
-    .await
-    .expect("relay starts")
-}
 
 fn error_code(m: &Message) -> Option<ErrorCode> {
     match m {

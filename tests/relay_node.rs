@@ -6,7 +6,6 @@ use std::process::{Command, Stdio};
 
 use roamsync::ids::{ConversationId, DocAddr, DocId};
 use roamsync::net::PeerAddr;
-use roamsync::relay::server::{Relay, RelayConfig};
 use roamsync::wire::frame::{ErrorCode, Frame};
 use roamsync::wire::message::{Message, Subscription};
 
@@ -23,19 +22,10 @@ fn segment() -> DocId {
     DocAddr::Segment(ConversationId::from_bytes([7; 16]), 0).doc_id()
 }
 
-async fn start(dir: &std::path::Path) -> Relay {
-    Relay::start(RelayConfig::new(
-        dir.join("relay"),
-        "127.0.0.1:0".parse().unwrap(),
-    ))
-    .await
-    .expect("relay starts")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_is_acknowledged_and_pushed_to_the_other_member() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = start(dir.path()).await;
+    let relay = support::relay(dir.path()).await;
     let addr = relay.addr();
     assert_eq!(addr.host, "127.0.0.1");
     let mut alice = Client::connect(&addr, 1).await;
@@ -135,7 +125,7 @@ async fn append_is_acknowledged_and_pushed_to_the_other_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_close_only_their_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = start(dir.path()).await;
+    let relay = support::relay(dir.path()).await;
     let addr = relay.addr();
     let mut honest = Client::connect(&addr, 1).await;
     honest.sign_in().await;
@@ -198,7 +188,7 @@ async fn bad_frames_close_only_their_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_reach_a_device_that_finished_its_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = start(dir.path()).await;
+    let relay = support::relay(dir.path()).await;
     let mut client = Client::connect(&relay.addr(), 5).await;
     client.sign_in().await;
     let account = client.account();
@@ -220,7 +210,7 @@ async fn answers_reach_a_device_that_finished_its_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_relay_keeps_its_key_and_everything_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = start(dir.path()).await;
+    let relay = support::relay(dir.path()).await;
     let addr = relay.addr();
     let mut alice = Client::connect(&addr, 1).await;
     alice.sign_in().await;
@@ -253,7 +243,7 @@ async fn a_restarted_relay_keeps_its_key_and_everything_acknowledged() {
     }
     relay.shutdown().await;
 
-    let relay = start(dir.path()).await;
+    let relay = support::relay(dir.path()).await;
     assert_eq!(relay.addr().key, addr.key, "the relay keeps its key");
     let mut again = Client::connect(&relay.addr(), 1).await;
     let hello = again
@@ -296,7 +286,7 @@ async fn a_restarted_relay_keeps_its_key_and_everything_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_acknowledges_every_append_it_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = start(dir.path()).await;
+    let relay = support::relay(dir.path()).await;
     let addr = relay.addr();
     let mut alice = Client::connect(&addr, 1).await;
     alice.sign_in().await;
@@ -325,7 +315,7 @@ async fn shutdown_acknowledges_every_append_it_stored() {
     }
     stopping.await.unwrap();
     // Everything stored was acknowledged, and everything acknowledged was stored.
-    let relay = start(dir.path()).await;
+    let relay = support::relay(dir.path()).await;
     let mut again = Client::connect(&relay.addr(), 1).await;
     let account = again.account();
     again

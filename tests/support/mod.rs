@@ -10,12 +10,23 @@ use std::time::{Duration, Instant};
 use roamsync::engine::{ConnectionState, Engine, EngineConfig, Event};
 use roamsync::ids::{ConversationId, MessageId};
 use roamsync::net::PeerAddr;
+use roamsync::relay::server::{Relay, RelayConfig};
 use roamsync::store::StorageKey;
 use tokio::sync::broadcast::Receiver;
 use tokio::sync::broadcast::error::RecvError;
 
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A relay in `dir/relay` on a free loopback port.
+pub async fn relay(dir: &Path) -> Relay {
+    Relay::start(RelayConfig::new(
+        dir.join("relay"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .expect("relay starts")
+}
 
 /// A device configuration in `dir`.
 pub fn config(dir: &Path, name: &str, relay: &PeerAddr) -> EngineConfig {
