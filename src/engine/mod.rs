@@ -875,7 +875,19 @@ impl Engine {
     /// Starts linking a new device: returns the code to enter on it. This device must stay
     /// online (on the first connected relay) until the new device has joined.
     pub async fn invite_device(&self) -> Result<String, EngineError> {
-        self.call(|w| w.invite()).await
+        let (tx, rx) = oneshot::channel();
+        self.call(move |w| {
+            w.invite(tx);
+            Ok(())
+        })
+        .await?;
+        tokio::time::timeout(Duration::from_millis(LOG_FETCH_TIMEOUT_MS), rx)
+            .await
+            .map_err(|_| EngineError::Timeout {
+                what: "the relay to register the invitation",
+                ms: LOG_FETCH_TIMEOUT_MS,
+            })?
+            .map_err(|_| EngineError::Closed)?
     }
 
     /// Revokes a device of this account: relays refuse it at once.

@@ -45,8 +45,8 @@ pub(crate) enum Pending {
     },
     /// A range of a document asked for.
     Fetch(DocId),
-    /// A pairing offer registered.
-    PairOffer,
+    /// A pairing offer registered, by rendezvous.
+    PairOffer([u8; 32]),
     /// A pairing answer forwarded.
     PairAnswer,
 }

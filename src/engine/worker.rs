@@ -103,6 +103,9 @@ pub(crate) enum Input {
     Shutdown,
 }
 
+/// Where an invitation's code goes once its offer is registered.
+pub(crate) type CodeReply = oneshot::Sender<Result<String, EngineError>>;
+
 /// Someone waiting for device logs of accounts.
 struct LogWaiter {
     /// Accounts whose answer has not arrived yet.
@@ -167,6 +170,8 @@ pub(crate) struct Worker {
     /// Documents with envelopes that could not be opened yet (author's device or key not
     /// known here yet), with the attempts so far: fetched again once logs or groups arrive.
     blocked: HashMap<DocId, u32>,
+    /// Invitation codes waiting for the relay to register their offer, by rendezvous.
+    offers: HashMap<[u8; 32], (String, CodeReply)>,
     pub(crate) stopping: bool,
 }
 
@@ -250,6 +255,7 @@ impl Worker {
             replies: Vec::new(),
             pending_cursors: Vec::new(),
             blocked: HashMap::new(),
+            offers: HashMap::new(),
             stopping: false,
         };
         w.index_devices();

@@ -156,22 +156,27 @@ impl Worker {
 
     // ---- linking and revocation --------------------------------------------------------------
 
-    /// Starts a device-link invitation on the first connected relay; returns the code.
-    pub(crate) fn invite(&mut self) -> Result<String, EngineError> {
-        let relay = self
-            .live_relays()
-            .first()
-            .copied()
-            .ok_or(EngineError::Offline)?;
-        let invite = PairingInvite::new(&mut self.rng, now_ms(), INVITE_TTL_MS)?;
+    /// Starts a device-link invitation on the first connected relay; `done` gets the code once
+    /// the relay has registered the offer (a joiner that came sooner would be refused).
+    pub(crate) fn invite(&mut self, done: CodeReply) {
+        let Some(relay) = self.live_relays().first().copied() else {
+            let _ = done.send(Err(EngineError::Offline));
+            return;
+        };
+        let invite = match PairingInvite::new(&mut self.rng, now_ms(), INVITE_TTL_MS) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = done.send(Err(e.into()));
+                return;
+            }
+        };
         let code = invite.code();
         let rendezvous = invite.rendezvous();
         self.invites.insert(rendezvous, invite);
-        self.request(relay, Pending::PairOffer, |req| Message::PairOffer {
-            req,
-            rendezvous,
+        self.offers.insert(rendezvous, (code, done));
+        self.request(relay, Pending::PairOffer(rendezvous), |req| {
+            Message::PairOffer { req, rendezvous }
         });
-        Ok(code)
     }
 
     pub(super) fn on_pair_requested(

@@ -345,6 +345,11 @@ impl Worker {
         relay: usize,
         pending: Option<Pending>,
     ) -> Result<(), EngineError> {
+        if let Some(Pending::PairOffer(rendezvous)) = &pending {
+            if let Some((code, done)) = self.offers.remove(rendezvous) {
+                let _ = done.send(Ok(code));
+            }
+        }
         if let Some(Pending::LogAppendThenHello) = pending {
             let account = self.account();
             let (log_len, log_head) = (self.log.len() as u32, self.log.head());
@@ -405,6 +410,15 @@ impl Worker {
             }
             Some(Pending::FetchLog(account)) => {
                 self.fail_log_waiters(&account, code, &text);
+            }
+            Some(Pending::PairOffer(rendezvous)) => {
+                self.invites.remove(&rendezvous);
+                if let Some((_, done)) = self.offers.remove(&rendezvous) {
+                    let _ = done.send(Err(EngineError::Relay {
+                        code,
+                        text: text.clone(),
+                    }));
+                }
             }
             Some(Pending::Subscribe(docs)) => {
                 if let Some(r) = self.relays.get_mut(relay) {
