@@ -32,6 +32,14 @@ pub enum CodecError {
         /// How many bytes were left over.
         extra: usize,
     },
+    /// A flag byte is neither 0 nor 1.
+    #[error("field `{field}` is a flag but holds {value}, not 0 or 1")]
+    InvalidFlag {
+        /// Which field.
+        field: &'static str,
+        /// The byte found.
+        value: u8,
+    },
     /// A text field is not UTF-8.
     #[error("field `{field}` is not valid UTF-8")]
     InvalidUtf8 {
@@ -84,6 +92,15 @@ impl<'a> Reader<'a> {
     /// One byte.
     pub fn u8(&mut self) -> Result<u8, CodecError> {
         Ok(self.array::<1>()?[0])
+    }
+
+    /// A flag: one byte, 0 or 1 (any other value is refused, so each flag has one encoding).
+    pub fn flag(&mut self, field: &'static str) -> Result<bool, CodecError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(CodecError::InvalidFlag { field, value }),
+        }
     }
 
     /// A big-endian `u16`.
@@ -230,6 +247,31 @@ mod tests {
             let mut r = Reader::new(&out[..cut.min(out.len().saturating_sub(1))]);
             prop_assert!(r.bytes_u32("d", 64).is_err());
         }
+    }
+
+    #[test]
+    fn flags_have_one_encoding() {
+        let mut r = Reader::new(&[0, 1, 2, 0xff]);
+        assert_eq!(r.flag("a"), Ok(false));
+        assert_eq!(r.flag("b"), Ok(true));
+        assert_eq!(
+            r.flag("c"),
+            Err(CodecError::InvalidFlag {
+                field: "c",
+                value: 2
+            })
+        );
+        assert_eq!(
+            r.flag("d"),
+            Err(CodecError::InvalidFlag {
+                field: "d",
+                value: 0xff
+            })
+        );
+        assert_eq!(
+            Reader::new(&[]).flag("e"),
+            Err(CodecError::Truncated { need: 1, have: 0 })
+        );
     }
 
     #[test]

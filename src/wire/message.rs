@@ -698,12 +698,12 @@ impl Message {
                 doc: DocId::from_bytes(r.array()?),
                 seq: r.u64()?,
                 prev: r.u64()?,
-                duplicate: r.u8()? != 0,
+                duplicate: r.flag("duplicate")?,
             },
             tag::ENVELOPES => {
                 let req = r.u32()?;
                 let doc = DocId::from_bytes(r.array()?);
-                let more = r.u8()? != 0;
+                let more = r.flag("more")?;
                 let n = count(&mut r, "envelopes", MAX_ENVELOPES_PER_MESSAGE)?;
                 let mut items = Vec::with_capacity(n.min(r.remaining() / 20));
                 for _ in 0..n {
