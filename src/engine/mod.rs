@@ -59,7 +59,7 @@ use crate::wire::message::Message as WireMessage;
 pub use conn::{BACKOFF_MAX_MS, BACKOFF_START_MS, backoff_ms};
 pub use session::FETCH_LIMIT;
 pub use worker::{
-    HEARTBEAT_MS, INVITE_TTL_MS, MAX_APPENDS_IN_FLIGHT, MAX_BLOCKED_RETRIES, MAX_INPUTS_PER_TURN,
+    CATCH_UP_EVENT_MS, HEARTBEAT_MS, INVITE_TTL_MS, MAX_APPENDS_IN_FLIGHT, MAX_BLOCKED_RETRIES, MAX_INPUTS_PER_TURN,
     SILENT_RELAY_MS,
 };
 
@@ -140,6 +140,39 @@ pub enum ConnectionState {
     },
 }
 
+/// Which part of the history a catch-up is bringing in. Stages follow the catch-up order: the
+/// conversation list is complete once `Recent` starts, the newest page of every conversation
+/// once `History` starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum CatchUpStage {
+    /// The account document and every conversation's meta document: the conversation list.
+    #[default]
+    Conversations,
+    /// Each conversation's newest segment: its latest messages.
+    Recent,
+    /// Older segments.
+    History,
+    /// Everything subscribed is caught up; pushes arrive as they happen.
+    Done,
+}
+
+/// How far a relay's catch-up has come, for a progress bar. Counted since the connection was
+/// made; `docs_total` grows as segments are discovered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CatchUpProgress {
+    /// What is being brought in.
+    pub stage: CatchUpStage,
+    /// Documents whose catch-up has finished.
+    pub docs_done: u64,
+    /// Documents subscribed or about to be.
+    pub docs_total: u64,
+    /// Envelopes received in catch-up and fetch answers.
+    pub envelopes: u64,
+    /// Bytes of those envelopes.
+    pub bytes: u64,
+}
+
 /// One relay's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RelayStatus {
@@ -147,6 +180,8 @@ pub struct RelayStatus {
     pub relay: String,
     /// Its connection.
     pub state: ConnectionState,
+    /// The current (or last) connection's catch-up.
+    pub catch_up: CatchUpProgress,
 }
 
 /// Sync status for the app's indicator.
@@ -223,6 +258,14 @@ pub enum Event {
     },
     /// Connection or upload state changed.
     Sync(SyncStatus),
+    /// A relay's catch-up moved on: a stage began or ended, documents finished, or (at most
+    /// every [`CATCH_UP_EVENT_MS`]) more envelopes arrived.
+    CatchUp {
+        /// The relay's address.
+        relay: String,
+        /// Where it is.
+        progress: CatchUpProgress,
+    },
     /// A relay refused a request.
     RelayError {
         /// Its code.

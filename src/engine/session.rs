@@ -8,8 +8,15 @@
 //! the cursor the push extends it; when it is above, something was missed (a push dropped on a
 //! slow link, a race with the catch-up), and the device fetches from its cursor. An append's
 //! acknowledgement carries `prev` too, so the author counts its own envelopes in.
+//!
+//! **Catch-up order.** Documents to subscribe wait in a queue; each has a [`Tier`], computed when
+//! it is sent (what the device knows then decides it). A tier's subscriptions go out only once
+//! no subscription of a more urgent tier is still catching up: the account document first, then
+//! every conversation's meta document, then each conversation's newest segment, then older
+//! segments. So the conversation list and the newest page of every conversation are ready
+//! before older history is touched.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::ids::{AccountId, DocId};
 
@@ -51,6 +58,30 @@ pub(crate) enum Pending {
     PairAnswer,
 }
 
+/// How urgent a document's catch-up is: lower goes first.
+pub(crate) type Tier = u8;
+/// The account document: conversation list state, drafts, read positions.
+pub(crate) const TIER_ACCOUNT: Tier = 0;
+/// Conversation meta documents: titles, members, segment lists.
+pub(crate) const TIER_META: Tier = 1;
+/// Each conversation's newest segment: its latest page.
+pub(crate) const TIER_NEWEST: Tier = 2;
+/// Older segments.
+pub(crate) const TIER_OLDER: Tier = 3;
+
+/// A catch-up's progress on one relay, counted since the connection was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CatchUpCounts {
+    /// Documents whose catch-up has finished.
+    pub docs_done: u64,
+    /// Documents subscribed or waiting to be (grows as segments are discovered).
+    pub docs_total: u64,
+    /// Envelopes received in catch-up and fetch answers.
+    pub envelopes: u64,
+    /// Bytes of those envelopes.
+    pub bytes: u64,
+}
+
 /// A document's cursor on one relay.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct DocCursor {
@@ -79,6 +110,15 @@ pub(crate) struct Session {
     next_req: u32,
     pending: HashMap<u32, Pending>,
     cursors: HashMap<DocId, DocCursor>,
+    /// Documents waiting to be subscribed.
+    queued: BTreeSet<DocId>,
+    /// The tier of each open subscription, by request id.
+    open_tiers: HashMap<u32, Tier>,
+    /// Documents queued since the connection was made, and those whose catch-up finished.
+    counted: BTreeSet<DocId>,
+    finished: BTreeSet<DocId>,
+    /// Envelopes and bytes received in catch-up and fetch answers.
+    received: (u64, u64),
 }
 
 impl Session {
@@ -87,6 +127,11 @@ impl Session {
         Session {
             next_req: 0,
             pending: HashMap::new(),
+            queued: BTreeSet::new(),
+            open_tiers: HashMap::new(),
+            counted: BTreeSet::new(),
+            finished: BTreeSet::new(),
+            received: (0, 0),
             cursors: cursors
                 .into_iter()
                 .map(|(doc, seq)| {
@@ -102,9 +147,15 @@ impl Session {
         }
     }
 
-    /// Forgets open requests (the connection ended); cursors stay.
+    /// Forgets open requests, queued subscriptions and progress (the connection ended; the next
+    /// one subscribes everything again); cursors stay.
     pub fn reset(&mut self) {
         self.pending.clear();
+        self.queued.clear();
+        self.open_tiers.clear();
+        self.counted.clear();
+        self.finished.clear();
+        self.received = (0, 0);
         for c in self.cursors.values_mut() {
             c.fetching = false;
             c.behind = false;
@@ -148,6 +199,73 @@ impl Session {
     /// The cursor of `doc` (0 if none).
     pub fn cursor(&self, doc: &DocId) -> u64 {
         self.cursors.get(doc).map_or(0, |c| c.seq)
+    }
+
+    /// Queues `docs` for subscription (a document already queued stays once).
+    pub fn queue_subscriptions(&mut self, docs: impl IntoIterator<Item = DocId>) {
+        for d in docs {
+            self.queued.insert(d);
+            self.counted.insert(d);
+        }
+    }
+
+    /// The next documents to subscribe, all of one tier, removed from the queue: the most urgent
+    /// queued tier, once no open subscription is more urgent. `None` when there is nothing to
+    /// send yet. `tier_of` ranks a document with what the device knows now.
+    pub fn next_subscriptions(
+        &mut self,
+        tier_of: impl Fn(&DocId) -> Tier,
+    ) -> Option<(Tier, Vec<DocId>)> {
+        let ranked: Vec<(Tier, DocId)> = self.queued.iter().map(|d| (tier_of(d), *d)).collect();
+        let tier = ranked.iter().map(|(t, _)| *t).min()?;
+        if self.open_tiers.values().any(|open| *open < tier) {
+            return None;
+        }
+        let docs: Vec<DocId> = ranked
+            .into_iter()
+            .filter(|(t, _)| *t == tier)
+            .map(|(_, d)| d)
+            .collect();
+        for d in &docs {
+            self.queued.remove(d);
+        }
+        Some((tier, docs))
+    }
+
+    /// Subscription request `req` of `tier` was sent.
+    pub fn subscribed(&mut self, req: u32, tier: Tier) {
+        self.open_tiers.insert(req, tier);
+    }
+
+    /// Subscription request `req` ended (its catch-up is done, or it was refused).
+    pub fn subscription_ended(&mut self, req: u32) {
+        self.open_tiers.remove(&req);
+    }
+
+    /// The most urgent tier still waiting or catching up; `None` once everything is caught up.
+    pub fn catching_up_tier(&self, tier_of: impl Fn(&DocId) -> Tier) -> Option<Tier> {
+        let open = self.open_tiers.values().copied().min();
+        let queued = self.queued.iter().map(tier_of).min();
+        match (open, queued) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Counts envelopes of a catch-up or fetch answer.
+    pub fn count_received(&mut self, envelopes: u64, bytes: u64) {
+        self.received.0 += envelopes;
+        self.received.1 += bytes;
+    }
+
+    /// The catch-up's progress since the connection was made.
+    pub fn counts(&self) -> CatchUpCounts {
+        CatchUpCounts {
+            docs_done: self.finished.len() as u64,
+            docs_total: self.counted.len() as u64,
+            envelopes: self.received.0,
+            bytes: self.received.1,
+        }
     }
 
     /// Marks `docs` as catching up after a subscription.
@@ -203,6 +321,9 @@ impl Session {
         let mut fetch = Vec::new();
         for d in docs {
             let c = self.cursors.entry(*d).or_default();
+            if self.counted.contains(d) {
+                self.finished.insert(*d);
+            }
             c.catching_up = false;
             if c.behind && !c.fetching {
                 c.fetching = true;
@@ -282,6 +403,80 @@ mod tests {
         s.start_catch_up(&[doc()]);
         s.on_fetched(doc(), Some(30), false);
         assert!(s.end_catch_up(&[doc()]).is_empty());
+    }
+
+    fn d(n: u8) -> DocId {
+        DocId::from_bytes([n; 32])
+    }
+
+    /// Documents 1 (account), 2–3 (metas), 4–5 (newest segments), 6 (an older segment).
+    fn tier(doc: &DocId) -> Tier {
+        match doc.as_bytes()[0] {
+            1 => TIER_ACCOUNT,
+            2 | 3 => TIER_META,
+            4 | 5 => TIER_NEWEST,
+            _ => TIER_OLDER,
+        }
+    }
+
+    #[test]
+    fn subscriptions_go_out_in_catch_up_order() {
+        let mut s = Session::new([]);
+        s.queue_subscriptions([d(6), d(4), d(2), d(1), d(3), d(5)]);
+        assert_eq!(s.catching_up_tier(tier), Some(TIER_ACCOUNT));
+        let (t, docs) = s.next_subscriptions(tier).expect("the account document first");
+        assert_eq!((t, docs), (TIER_ACCOUNT, vec![d(1)]));
+        s.subscribed(10, t);
+        // Nothing else goes while the account document is catching up.
+        assert_eq!(s.next_subscriptions(tier), None);
+        s.subscription_ended(10);
+        let (t, docs) = s.next_subscriptions(tier).expect("metas next");
+        assert_eq!((t, docs), (TIER_META, vec![d(2), d(3)]));
+        s.subscribed(11, t);
+        assert_eq!(s.next_subscriptions(tier), None);
+        // A meta learned meanwhile may go alongside the metas already catching up.
+        s.queue_subscriptions([d(7)]);
+        let meta7 = |doc: &DocId| if *doc == d(7) { TIER_META } else { tier(doc) };
+        assert_eq!(s.next_subscriptions(meta7), Some((TIER_META, vec![d(7)])));
+        s.subscribed(12, TIER_META);
+        s.subscription_ended(11);
+        assert_eq!(s.next_subscriptions(tier), None, "meta 7 is still catching up");
+        s.subscription_ended(12);
+        assert_eq!(s.catching_up_tier(tier), Some(TIER_NEWEST));
+        let (t, docs) = s.next_subscriptions(tier).expect("newest segments");
+        assert_eq!((t, docs), (TIER_NEWEST, vec![d(4), d(5)]));
+        s.subscribed(13, t);
+        // An urgent document is not held back by a less urgent catch-up.
+        s.queue_subscriptions([d(1)]);
+        assert_eq!(s.next_subscriptions(tier), Some((TIER_ACCOUNT, vec![d(1)])));
+        s.subscribed(14, TIER_ACCOUNT);
+        s.subscription_ended(14);
+        s.subscription_ended(13);
+        assert_eq!(s.next_subscriptions(tier), Some((TIER_OLDER, vec![d(6)])));
+        s.subscribed(15, TIER_OLDER);
+        assert_eq!(s.catching_up_tier(tier), Some(TIER_OLDER));
+        s.subscription_ended(15);
+        assert_eq!(s.catching_up_tier(tier), None);
+        assert_eq!(s.next_subscriptions(tier), None);
+    }
+
+    #[test]
+    fn progress_counts_documents_once_and_resets_with_the_connection() {
+        let mut s = Session::new([]);
+        s.queue_subscriptions([d(1), d(2)]);
+        s.queue_subscriptions([d(2), d(3)]);
+        s.start_catch_up(&[d(1), d(2)]);
+        s.count_received(3, 300);
+        s.end_catch_up(&[d(1), d(2)]);
+        // A second catch-up of the same document does not count it twice.
+        s.start_catch_up(&[d(2)]);
+        s.end_catch_up(&[d(2)]);
+        let c = s.counts();
+        assert_eq!((c.docs_done, c.docs_total), (2, 3));
+        assert_eq!((c.envelopes, c.bytes), (3, 300));
+        s.reset();
+        assert_eq!(s.counts(), CatchUpCounts::default());
+        assert_eq!(s.next_subscriptions(tier), None, "the queue went with the connection");
     }
 
     #[test]

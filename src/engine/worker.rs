@@ -15,9 +15,15 @@ use crate::crypto::identity::{DevicePublic, DeviceSecret};
 use crate::crypto::keys::{DocKey, KeyEpoch, KeySource, Keyring};
 use crate::crypto::pairing::PairingInvite;
 use crate::crypto::rng::SeedRng;
-use crate::engine::session::{CursorStep, FETCH_LIMIT, Pending, Session};
+use crate::engine::session::{
+    CursorStep, FETCH_LIMIT, Pending, Session, TIER_ACCOUNT, TIER_META, TIER_NEWEST, TIER_OLDER,
+    Tier,
+};
 use crate::engine::state::{self, Group};
-use crate::engine::{ConnectionState, EngineError, Event, RelayStatus, SyncStatus, now_ms};
+use crate::engine::{
+    CatchUpProgress, CatchUpStage, ConnectionState, EngineError, Event, RelayStatus, SyncStatus,
+    now_ms,
+};
 use crate::ids::{AccountId, ConversationId, DeviceId, DocAddr, DocId};
 use crate::model::{ChangeBatch, MessageUpdate};
 use crate::net::PeerAddr;
@@ -50,6 +56,8 @@ pub const MAX_APPENDS_IN_FLIGHT: usize = 1_024;
 /// Times a document's envelopes are fetched again after "not yet" refusals (unknown author
 /// device, missing key) before they are taken as refused for good.
 pub const MAX_BLOCKED_RETRIES: u32 = 3;
+/// Least time between two catch-up progress events that only count more envelopes.
+pub const CATCH_UP_EVENT_MS: u64 = 100;
 /// Plaintext of a typing signal: conversation id (16) + account (32) + flag (1).
 const TYPING_LEN: usize = 16 + 32 + 1;
 
@@ -123,6 +131,9 @@ struct Relay {
     state: ConnectionState,
     /// When the relay last sent anything.
     heard_ms: u64,
+    /// The catch-up progress last told to the app, and when.
+    progress: CatchUpProgress,
+    progress_ms: u64,
 }
 
 /// An envelope waiting for a relay's acknowledgement.
@@ -313,6 +324,8 @@ impl Worker {
                 out: None,
                 state: ConnectionState::Connecting,
                 heard_ms: 0,
+                progress: CatchUpProgress::default(),
+                progress_ms: 0,
             });
         }
         // Changes made before a crash between storing them and sealing them are sealed now.
@@ -471,6 +484,7 @@ impl Worker {
                 .map(|r| RelayStatus {
                     relay: r.addr.to_string(),
                     state: r.state,
+                    catch_up: r.progress,
                 })
                 .collect(),
             pending_uploads: self.outbox.len(),

@@ -44,6 +44,10 @@ impl Worker {
             }
             step
         };
+        if req != 0 {
+            let bytes: usize = items.iter().map(|i| i.envelope.len()).sum();
+            r.session.count_received(items.len() as u64, bytes as u64);
+        }
         let a = arrivals.entry(doc).or_default();
         a.envelopes.extend(items.into_iter().map(|i| i.envelope));
         a.steps.push((relay, step));
@@ -114,8 +118,12 @@ impl Worker {
                 }
             }
         }
+        let relays: BTreeSet<usize> = steps.iter().map(|(r, _, _)| *r).collect();
         // Stored with the changes at the end of the turn (`commit_turn`).
         self.store_cursors(steps);
+        for relay in relays {
+            self.update_live(relay);
+        }
     }
 
     /// Asks a relay for what opening envelopes of `addr` may lack: the device logs of the

@@ -160,7 +160,7 @@ impl Worker {
                 if matches!(pending, Some(Pending::FetchGroup(_))) {
                     self.retry_blocked();
                 }
-                self.on_done(relay, pending)
+                self.on_done(relay, req, pending)
             }
             Message::Ack {
                 doc,
@@ -179,7 +179,7 @@ impl Worker {
                 request,
             } => self.on_pair_requested(relay, rendezvous, request),
             Message::Error { code, text, .. } => {
-                self.on_error(relay, pending, code, text);
+                self.on_error(relay, req, pending, code, text);
                 Ok(())
             }
             other => {
@@ -264,45 +264,91 @@ impl Worker {
             .collect();
         self.subscribe(relay, &docs);
         self.flush_outbox(relay);
+        // With nothing to catch up, the relay is live at once.
+        self.update_live(relay);
         Ok(())
     }
 
+    /// Queues `addrs` for subscription on `relay` (documents of groups this account is a
+    /// member of) and sends what the catch-up order allows now.
     pub(super) fn subscribe(&mut self, relay: usize, addrs: &[DocAddr]) {
-        let Some(r) = self.relays.get_mut(relay) else {
-            return;
-        };
-        if r.out.is_none() || addrs.is_empty() {
-            return;
-        }
-        let items: Vec<Subscription> = addrs
+        let me = self.log.account();
+        let docs: Vec<DocId> = addrs
             .iter()
             .filter(|a| {
-                let me = self.log.account();
                 self.groups
                     .get(&group_of(a))
                     .and_then(|g| g.latest())
                     .is_some_and(|u| u.is_member(&me))
             })
-            .map(|a| Subscription {
-                doc: a.doc_id(),
-                group: group_of(a),
-                after_seq: r.session.cursor(&a.doc_id()),
-            })
+            .map(DocAddr::doc_id)
             .collect();
-        if items.is_empty() {
+        let Some(r) = self.relays.get_mut(relay) else {
+            return;
+        };
+        if r.out.is_none() || docs.is_empty() {
             return;
         }
-        for chunk in items.chunks(crate::wire::message::MAX_SUBSCRIPTIONS) {
-            let docs: Vec<DocId> = chunk.iter().map(|s| s.doc).collect();
-            r.session.start_catch_up(&docs);
-            let req = r.session.request(Pending::Subscribe(docs));
-            if let Some(out) = &r.out {
-                let _ = out.send(Outgoing::Message(Box::new(Message::Subscribe {
-                    req,
-                    items: chunk.to_vec(),
-                })));
+        r.session.queue_subscriptions(docs);
+        self.send_subscriptions(relay);
+    }
+
+    /// Sends the queued subscriptions the catch-up order allows: the most urgent tier, once no
+    /// subscription of a more urgent one is still catching up.
+    pub(super) fn send_subscriptions(&mut self, relay: usize) {
+        let tiers = self.catch_up_tiers();
+        let tier_of = |d: &DocId| tiers.get(d).copied().unwrap_or(TIER_OLDER);
+        let Some(r) = self.relays.get_mut(relay) else {
+            return;
+        };
+        let Some(out) = r.out.clone() else {
+            return;
+        };
+        while let Some((tier, docs)) = r.session.next_subscriptions(tier_of) {
+            for chunk in docs.chunks(crate::wire::message::MAX_SUBSCRIPTIONS) {
+                let items: Vec<Subscription> = chunk
+                    .iter()
+                    .filter_map(|d| self.docs.get(d))
+                    .map(|a| Subscription {
+                        doc: a.doc_id(),
+                        group: group_of(a),
+                        after_seq: r.session.cursor(&a.doc_id()),
+                    })
+                    .collect();
+                if items.is_empty() {
+                    continue;
+                }
+                let docs: Vec<DocId> = items.iter().map(|s| s.doc).collect();
+                r.session.start_catch_up(&docs);
+                let req = r.session.request(Pending::Subscribe(docs));
+                r.session.subscribed(req, tier);
+                let _ = out.send(Outgoing::Message(Box::new(Message::Subscribe { req, items })));
             }
         }
+    }
+
+    /// The catch-up tier of every known document: the account document, meta documents, each
+    /// conversation's newest known segment, older segments.
+    pub(super) fn catch_up_tiers(&self) -> HashMap<DocId, Tier> {
+        let mut newest: HashMap<ConversationId, u32> = HashMap::new();
+        for addr in self.docs.values() {
+            if let DocAddr::Segment(c, n) = addr {
+                let top = newest.entry(*c).or_insert(*n);
+                *top = (*top).max(*n);
+            }
+        }
+        self.docs
+            .iter()
+            .map(|(id, addr)| {
+                let tier = match addr {
+                    DocAddr::Account(_) => TIER_ACCOUNT,
+                    DocAddr::Meta(_) => TIER_META,
+                    DocAddr::Segment(c, n) if newest.get(c) == Some(n) => TIER_NEWEST,
+                    DocAddr::Segment(..) => TIER_OLDER,
+                };
+                (*id, tier)
+            })
+            .collect()
     }
 
     pub(super) fn subscribe_everywhere(&mut self, addrs: &[DocAddr]) {
@@ -343,6 +389,7 @@ impl Worker {
     pub(super) fn on_done(
         &mut self,
         relay: usize,
+        req: u32,
         pending: Option<Pending>,
     ) -> Result<(), EngineError> {
         if let Some(Pending::PairOffer(rendezvous)) = &pending {
@@ -362,7 +409,10 @@ impl Worker {
         }
         if let Some(Pending::Subscribe(docs)) = pending {
             let fetch = match self.relays.get_mut(relay) {
-                Some(r) => r.session.end_catch_up(&docs),
+                Some(r) => {
+                    r.session.subscription_ended(req);
+                    r.session.end_catch_up(&docs)
+                }
                 None => return Ok(()),
             };
             for (doc, after_seq) in fetch {
@@ -373,23 +423,67 @@ impl Worker {
                     limit: FETCH_LIMIT,
                 });
             }
+            self.send_subscriptions(relay);
             self.update_live(relay);
         }
         Ok(())
     }
 
+    /// Tells the app how the catch-up goes, and marks the relay live once nothing is waiting
+    /// or catching up.
     pub(super) fn update_live(&mut self, relay: usize) {
-        if let Some(r) = self.relays.get_mut(relay) {
-            if r.out.is_some() && r.state != ConnectionState::Live {
-                r.state = ConnectionState::Live;
-                self.emit_status();
-            }
+        let tiers = self.catch_up_tiers();
+        let Some(r) = self.relays.get_mut(relay) else {
+            return;
+        };
+        if r.out.is_none() {
+            return;
+        }
+        let tier = r
+            .session
+            .catching_up_tier(|d| tiers.get(d).copied().unwrap_or(TIER_OLDER));
+        let stage = match tier {
+            Some(TIER_ACCOUNT | TIER_META) => CatchUpStage::Conversations,
+            Some(TIER_NEWEST) => CatchUpStage::Recent,
+            Some(_) => CatchUpStage::History,
+            None => CatchUpStage::Done,
+        };
+        let c = r.session.counts();
+        let progress = CatchUpProgress {
+            stage,
+            docs_done: c.docs_done,
+            docs_total: c.docs_total,
+            envelopes: c.envelopes,
+            bytes: c.bytes,
+        };
+        // Counting envelopes alone is told at most every `CATCH_UP_EVENT_MS`.
+        let now = now_ms();
+        let moved = r.progress.stage != progress.stage
+            || r.progress.docs_done != progress.docs_done
+            || r.progress.docs_total != progress.docs_total;
+        let counted = r.progress != progress && now >= r.progress_ms + CATCH_UP_EVENT_MS;
+        let changed = moved || counted;
+        if changed {
+            r.progress = progress;
+            r.progress_ms = now;
+        }
+        let live = stage == CatchUpStage::Done && r.state != ConnectionState::Live;
+        if live {
+            r.state = ConnectionState::Live;
+        }
+        if changed {
+            let relay = r.addr.to_string();
+            self.emit(Event::CatchUp { relay, progress });
+        }
+        if live {
+            self.emit_status();
         }
     }
 
     pub(super) fn on_error(
         &mut self,
         relay: usize,
+        req: u32,
         pending: Option<Pending>,
         code: ErrorCode,
         text: String,
@@ -422,8 +516,11 @@ impl Worker {
             }
             Some(Pending::Subscribe(docs)) => {
                 if let Some(r) = self.relays.get_mut(relay) {
+                    r.session.subscription_ended(req);
                     r.session.end_catch_up(&docs);
                 }
+                self.send_subscriptions(relay);
+                self.update_live(relay);
             }
             _ => {}
         }
