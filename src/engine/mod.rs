@@ -59,8 +59,8 @@ use crate::wire::message::Message as WireMessage;
 pub use conn::{BACKOFF_MAX_MS, BACKOFF_START_MS, backoff_ms};
 pub use session::FETCH_LIMIT;
 pub use worker::{
-    CATCH_UP_EVENT_MS, HEARTBEAT_MS, INVITE_TTL_MS, MAX_APPENDS_IN_FLIGHT, MAX_BLOCKED_RETRIES, MAX_INPUTS_PER_TURN,
-    SILENT_RELAY_MS,
+    CATCH_UP_EVENT_MS, HEARTBEAT_MS, INVITE_TTL_MS, MAX_APPENDS_IN_FLIGHT, MAX_BLOCKED_RETRIES,
+    MAX_INPUTS_PER_TURN, SILENT_RELAY_MS,
 };
 
 use worker::{Input, Worker};
@@ -382,6 +382,8 @@ pub enum EngineError {
 pub struct Engine {
     tx: mpsc::UnboundedSender<Input>,
     events: broadcast::Sender<Event>,
+    /// The subscription made before the worker started, for the first `events()` call.
+    first_events: std::sync::Mutex<Option<broadcast::Receiver<Event>>>,
     account: AccountId,
     device: DeviceId,
     stop: watch::Sender<bool>,
@@ -610,6 +612,8 @@ impl Engine {
         let identity = Arc::new(Identity::from_device(&worker.secret)?);
         let endpoint = crate::net::client_endpoint(config.bind)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        // Subscribed before the worker runs: the first `events()` call misses nothing.
+        let first_events = std::sync::Mutex::new(Some(events.subscribe()));
         let handle = std::thread::Builder::new()
             .name("roamsync-worker".into())
             .spawn(move || worker.run(rx))
@@ -634,6 +638,7 @@ impl Engine {
         Ok(Engine {
             tx,
             events,
+            first_events,
             account,
             device,
             stop,
@@ -653,9 +658,17 @@ impl Engine {
         self.device
     }
 
-    /// A new subscription to events (from now on).
+    /// A subscription to events. The first call's subscription holds every event since the
+    /// engine started (up to [`EVENT_BUFFER`] of them; past that the oldest are dropped and the
+    /// receiver reports `Lagged`), so nothing between `open`/`link` returning and the app
+    /// listening is lost; later calls see events from then on.
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        let first = self
+            .first_events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        first.unwrap_or_else(|| self.events.subscribe())
     }
 
     async fn call<T: Send + 'static>(

@@ -252,6 +252,20 @@ impl Session {
         }
     }
 
+    /// Whether the greeting, a device log or a group's updates are still awaited: until they
+    /// are in, the documents to catch up on are not all known.
+    pub fn setting_up(&self) -> bool {
+        self.pending.values().any(|p| {
+            matches!(
+                p,
+                Pending::Hello
+                    | Pending::LogAppendThenHello
+                    | Pending::FetchLog(_)
+                    | Pending::FetchGroup(_)
+            )
+        })
+    }
+
     /// Counts envelopes of a catch-up or fetch answer.
     pub fn count_received(&mut self, envelopes: u64, bytes: u64) {
         self.received.0 += envelopes;
@@ -424,7 +438,9 @@ mod tests {
         let mut s = Session::new([]);
         s.queue_subscriptions([d(6), d(4), d(2), d(1), d(3), d(5)]);
         assert_eq!(s.catching_up_tier(tier), Some(TIER_ACCOUNT));
-        let (t, docs) = s.next_subscriptions(tier).expect("the account document first");
+        let (t, docs) = s
+            .next_subscriptions(tier)
+            .expect("the account document first");
         assert_eq!((t, docs), (TIER_ACCOUNT, vec![d(1)]));
         s.subscribed(10, t);
         // Nothing else goes while the account document is catching up.
@@ -440,7 +456,11 @@ mod tests {
         assert_eq!(s.next_subscriptions(meta7), Some((TIER_META, vec![d(7)])));
         s.subscribed(12, TIER_META);
         s.subscription_ended(11);
-        assert_eq!(s.next_subscriptions(tier), None, "meta 7 is still catching up");
+        assert_eq!(
+            s.next_subscriptions(tier),
+            None,
+            "meta 7 is still catching up"
+        );
         s.subscription_ended(12);
         assert_eq!(s.catching_up_tier(tier), Some(TIER_NEWEST));
         let (t, docs) = s.next_subscriptions(tier).expect("newest segments");
@@ -476,7 +496,11 @@ mod tests {
         assert_eq!((c.envelopes, c.bytes), (3, 300));
         s.reset();
         assert_eq!(s.counts(), CatchUpCounts::default());
-        assert_eq!(s.next_subscriptions(tier), None, "the queue went with the connection");
+        assert_eq!(
+            s.next_subscriptions(tier),
+            None,
+            "the queue went with the connection"
+        );
     }
 
     #[test]

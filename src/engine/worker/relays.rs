@@ -147,20 +147,27 @@ impl Worker {
                     // A log that does not verify still answers whoever waits for it.
                     self.fail_log_waiters(&account, ErrorCode::REJECTED, &e.to_string());
                 }
+                self.update_live(relay);
                 done
             }
             Message::GroupUpdates { group, updates, .. } => {
                 let done = self.on_group_updates(relay, group, updates);
                 if matches!(pending, Some(Pending::FetchGroup(_))) {
                     self.retry_blocked();
+                    self.update_live(relay);
                 }
                 done
             }
             Message::Done { .. } => {
+                let setup = matches!(pending, Some(Pending::FetchGroup(_) | Pending::FetchLog(_)));
                 if matches!(pending, Some(Pending::FetchGroup(_))) {
                     self.retry_blocked();
                 }
-                self.on_done(relay, req, pending)
+                let done = self.on_done(relay, req, pending);
+                if setup {
+                    self.update_live(relay);
+                }
+                done
             }
             Message::Ack {
                 doc,
@@ -179,7 +186,11 @@ impl Worker {
                 request,
             } => self.on_pair_requested(relay, rendezvous, request),
             Message::Error { code, text, .. } => {
+                let setup = matches!(pending, Some(Pending::FetchGroup(_) | Pending::FetchLog(_)));
                 self.on_error(relay, req, pending, code, text);
+                if setup {
+                    self.update_live(relay);
+                }
                 Ok(())
             }
             other => {
@@ -322,7 +333,10 @@ impl Worker {
                 r.session.start_catch_up(&docs);
                 let req = r.session.request(Pending::Subscribe(docs));
                 r.session.subscribed(req, tier);
-                let _ = out.send(Outgoing::Message(Box::new(Message::Subscribe { req, items })));
+                let _ = out.send(Outgoing::Message(Box::new(Message::Subscribe {
+                    req,
+                    items,
+                })));
             }
         }
     }
@@ -439,9 +453,14 @@ impl Worker {
         if r.out.is_none() {
             return;
         }
-        let tier = r
-            .session
-            .catching_up_tier(|d| tiers.get(d).copied().unwrap_or(TIER_OLDER));
+        // Until the greeting, logs and group updates are in, the documents to catch up on are
+        // not all known.
+        let tier = if r.session.setting_up() {
+            Some(TIER_ACCOUNT)
+        } else {
+            r.session
+                .catching_up_tier(|d| tiers.get(d).copied().unwrap_or(TIER_OLDER))
+        };
         let stage = match tier {
             Some(TIER_ACCOUNT | TIER_META) => CatchUpStage::Conversations,
             Some(TIER_NEWEST) => CatchUpStage::Recent,
