@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use roamsync::engine::{Engine, EngineConfig, Event};
+use roamsync::engine::{CatchUpProgress, CatchUpStage, Engine, EngineConfig, Event};
 use roamsync::ids::{AccountId, ConversationId, MessageId};
 use roamsync::model::ListFlag;
 use roamsync::net::PeerAddr;
@@ -230,6 +230,31 @@ fn short(a: &AccountId) -> String {
     a.to_string().chars().take(8).collect()
 }
 
+/// A progress bar for a relay's catch-up.
+fn progress_bar(p: &CatchUpProgress) -> String {
+    const WIDTH: u64 = 24;
+    let filled = (p.docs_done * WIDTH)
+        .checked_div(p.docs_total)
+        .unwrap_or(WIDTH)
+        .min(WIDTH);
+    let stage = match p.stage {
+        CatchUpStage::Conversations => "conversation list",
+        CatchUpStage::Recent => "recent messages",
+        CatchUpStage::History => "older history",
+        CatchUpStage::Done => "up to date",
+        _ => "catching up",
+    };
+    format!(
+        "[{}{}] {}/{} documents, {} envelopes, {} KiB — {stage}",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize),
+        p.docs_done,
+        p.docs_total,
+        p.envelopes,
+        p.bytes / 1024,
+    )
+}
+
 fn describe(event: &Event) -> Option<String> {
     Some(match event {
         Event::MessageReceived { .. } => "new message (/history)".into(),
@@ -288,6 +313,10 @@ async fn main() {
     };
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut last_states = Vec::new();
+    // While a relay catches up, a line per arriving message would flood the screen: the
+    // progress bar stands for them.
+    let mut catching_up = true;
+    let mut last_bar = (CatchUpStage::Conversations, 0);
     loop {
         tokio::select! {
             line = lines.next_line() => {
@@ -304,6 +333,20 @@ async fn main() {
             }
             event = events.recv() => {
                 if let Ok(event) = event {
+                    if let Event::CatchUp { progress, .. } = &event {
+                        catching_up = progress.stage != CatchUpStage::Done;
+                        // A line per stage and per tenth of the documents.
+                        let tenth = (progress.docs_done * 10).checked_div(progress.docs_total);
+                        let bar = (progress.stage, tenth.unwrap_or(10));
+                        if bar != last_bar {
+                            last_bar = bar;
+                            println!("* {}", progress_bar(progress));
+                        }
+                        continue;
+                    }
+                    if catching_up && matches!(event, Event::MessageReceived { .. }) {
+                        continue;
+                    }
                     // Connection changes are worth a line; upload counts are in /status.
                     if let Event::Sync(s) = &event {
                         let states: Vec<_> = s.relays.iter().map(|r| r.state).collect();
