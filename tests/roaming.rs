@@ -239,3 +239,51 @@ async fn a_device_offline_while_many_conversations_moved_catches_up_on_all() {
     }
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn history_reaching_past_what_arrived_fetches_it_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let a = Engine::create_account(small_segments(dir.path(), "a", &addr), "a")
+        .await
+        .unwrap();
+    until_live(&a).await;
+    // 400 messages (25 segments) in one conversation, 2,000 (125) in another: the older
+    // history takes a while to arrive.
+    let mut chats = Vec::new();
+    for (name, count) in [("long", 400), ("other", 2_000)] {
+        let c = a.create_conversation(name, &[]).await.unwrap();
+        let a = &a;
+        let sends = (0..count).map(|i| async move { a.send(&c, &format!("{i}")).await.unwrap() });
+        futures::future::join_all(sends).await;
+        chats.push(c);
+    }
+    until_uploaded(&a).await;
+    let code = a.invite_device().await.unwrap();
+    let a2 = Engine::link(config(dir.path(), "a2", &addr), &code, "a2")
+        .await
+        .unwrap();
+    // As soon as the conversation's meta document is in, the whole history is asked for: the
+    // call fetches the segments it reaches before answering.
+    let deadline = Instant::now() + WAIT;
+    let page = loop {
+        if let Ok(page) = a2.history(&chats[0], None, 1_000).await {
+            break page;
+        }
+        assert!(Instant::now() < deadline, "the conversation never arrived");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert!(!page.incomplete);
+    assert_eq!(page.messages.len(), 400);
+    assert_eq!(
+        page.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        all_ids(&a, &chats[0]).await
+    );
+    until_live(&a2).await;
+    assert_eq!(all_ids(&a2, &chats[1]).await, all_ids(&a, &chats[1]).await);
+    for e in [a, a2] {
+        e.shutdown().await;
+    }
+    relay.shutdown().await;
+}

@@ -71,6 +71,8 @@ pub const EVENT_BUFFER: usize = 16 * 1024;
 /// How long creating a conversation or changing members waits for the relay to answer with the
 /// members' device logs.
 pub const LOG_FETCH_TIMEOUT_MS: u64 = 30_000;
+/// How long a history call waits for segments it reaches that are still to arrive.
+pub const HISTORY_FETCH_TIMEOUT_MS: u64 = 10_000;
 /// How long linking waits for the other device.
 pub const LINK_TIMEOUT_MS: u64 = 120_000;
 
@@ -884,7 +886,14 @@ impl Engine {
         self.call(|w| Ok(w.replica.conversation_list()?)).await
     }
 
-    /// A page of history, newest first from `before`.
+    /// A page of history: up to `limit` messages older than `before` (the newest if `None`),
+    /// in conversation order.
+    ///
+    /// When the page would reach past what this device holds — older segments still to arrive,
+    /// e.g. just after linking — those segments are fetched ahead of the rest of the catch-up
+    /// and the call answers once they are in (waiting at most [`HISTORY_FETCH_TIMEOUT_MS`]).
+    /// Offline, or if that wait runs out, it answers with what is here and sets
+    /// [`Page::incomplete`].
     pub async fn history(
         &self,
         conversation: &ConversationId,
@@ -892,8 +901,17 @@ impl Engine {
         limit: usize,
     ) -> Result<Page, EngineError> {
         let c = *conversation;
-        self.call(move |w| Ok(w.replica.history(&c, before, limit)?))
-            .await
+        let (page, wait) = self
+            .call(move |w| w.history_or_fetch(&c, before, limit, true))
+            .await?;
+        let Some(wait) = wait else {
+            return Ok(page);
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(HISTORY_FETCH_TIMEOUT_MS), wait).await;
+        let (page, _) = self
+            .call(move |w| w.history_or_fetch(&c, before, limit, false))
+            .await?;
+        Ok(page)
     }
 
     /// One message.

@@ -282,6 +282,11 @@ impl Session {
         }
     }
 
+    /// Whether `doc` is waiting to be subscribed or still catching up.
+    pub fn is_catching_up(&self, doc: &DocId) -> bool {
+        self.queued.contains(doc) || self.cursors.get(doc).is_some_and(|c| c.catching_up)
+    }
+
     /// Marks `docs` as catching up after a subscription.
     pub fn start_catch_up(&mut self, docs: &[DocId]) {
         for d in docs {

@@ -36,6 +36,7 @@ use crate::wire::message::{
 mod devices;
 mod envelopes;
 mod groups;
+mod history;
 mod local;
 mod relays;
 mod signals;
@@ -181,6 +182,11 @@ pub(crate) struct Worker {
     /// Documents with envelopes that could not be opened yet (author's device or key not
     /// known here yet), with the attempts so far: fetched again once logs or groups arrive.
     blocked: HashMap<DocId, u32>,
+    /// Documents an app call is waiting for (history reaching past what is here): they go
+    /// first in the catch-up order.
+    wanted: HashSet<DocId>,
+    /// History calls waiting for documents to be caught up.
+    history_waiters: Vec<(HashSet<DocId>, oneshot::Sender<()>)>,
     /// Invitation codes waiting for the relay to register their offer, by rendezvous.
     offers: HashMap<[u8; 32], (String, CodeReply)>,
     pub(crate) stopping: bool,
@@ -266,6 +272,8 @@ impl Worker {
             replies: Vec::new(),
             pending_cursors: Vec::new(),
             blocked: HashMap::new(),
+            wanted: HashSet::new(),
+            history_waiters: Vec::new(),
             offers: HashMap::new(),
             stopping: false,
         };
@@ -420,6 +428,7 @@ impl Worker {
             self.apply_arrivals(arrivals);
         }
         self.commit_turn();
+        self.wake_history();
     }
 
     /// Queues the answer to a local operation until the turn's commit.

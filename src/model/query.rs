@@ -32,6 +32,10 @@ pub struct Page {
     pub messages: Vec<Message>,
     /// Where the page before this one starts, if there are older messages.
     pub next: Option<Cursor>,
+    /// Older messages of the conversation exist that this device does not hold yet (its
+    /// segments are still to arrive). The model knows only what it holds, so it sets `false`;
+    /// the engine sets it when it answers without them (offline, or a fetch that timed out).
+    pub incomplete: bool,
 }
 
 /// One line of the conversation list.

@@ -657,7 +657,11 @@ impl Replica {
             }
             _ => None,
         };
-        Ok(Page { messages, next })
+        Ok(Page {
+            messages,
+            next,
+            incomplete: false,
+        })
     }
 
     /// One message, hidden or not.

@@ -355,6 +355,8 @@ impl Worker {
             .iter()
             .map(|(id, addr)| {
                 let tier = match addr {
+                    // An app call is waiting for it.
+                    _ if self.wanted.contains(id) => TIER_ACCOUNT,
                     DocAddr::Account(_) => TIER_ACCOUNT,
                     DocAddr::Meta(_) => TIER_META,
                     DocAddr::Segment(c, n) if newest.get(c) == Some(n) => TIER_NEWEST,
