@@ -84,7 +84,7 @@ impl Worker {
             if tx.is_closed() {
                 continue;
             }
-            if docs.iter().any(|d| catching_up(d)) {
+            if docs.iter().any(&catching_up) {
                 self.history_waiters.push((docs, tx));
             } else {
                 let _ = tx.send(());
