@@ -287,3 +287,57 @@ async fn history_reaching_past_what_arrived_fetches_it_first() {
     }
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn segments_evicted_under_the_disk_budget_come_back_from_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let mut cfg = small_segments(dir.path(), "a", &addr);
+    // Room for a few segments: older ones are dropped from the disk as the history grows.
+    cfg.store.disk_budget_bytes = Some(24 * 1024);
+    // Segments held in memory are never evicted: keep only a couple loaded.
+    cfg.store.cache_budget_bytes =
+        4 * SEGMENT_CAP * roamsync::store::replica::BYTES_PER_LOADED_MESSAGE;
+    let a = Engine::create_account(cfg, "a").await.unwrap();
+    until_live(&a).await;
+    let c = a.create_conversation("long", &[]).await.unwrap();
+    let mut sent = Vec::new();
+    for i in 0..400 {
+        sent.push(a.send(&c, &format!("message number {i}")).await.unwrap());
+    }
+    until_uploaded(&a).await;
+
+    // Offline, a page answers with what is held and says more exists.
+    let socket = relay.local_addr();
+    relay.shutdown().await;
+    let page = a.history(&c, None, 1_000).await.unwrap();
+    assert!(page.incomplete, "nothing was evicted");
+    let held: Vec<MessageId> = page.messages.iter().map(|m| m.id).collect();
+    assert!(
+        !held.is_empty() && held.len() < sent.len(),
+        "{}",
+        held.len()
+    );
+    assert!(sent.ends_with(&held), "the newest messages stay");
+
+    // Back online, the same call fetches the evicted segments again and answers whole.
+    let relay = roamsync::relay::server::Relay::start(roamsync::relay::server::RelayConfig::new(
+        dir.path().join("relay"),
+        socket,
+    ))
+    .await
+    .unwrap();
+    until_live(&a).await;
+    let page = a.history(&c, None, 1_000).await.unwrap();
+    assert!(!page.incomplete);
+    assert_eq!(page.messages.iter().map(|m| m.id).collect::<Vec<_>>(), sent);
+    for (i, m) in page.messages.iter().enumerate() {
+        assert_eq!(
+            m.body.as_deref(),
+            Some(format!("message number {i}").as_str())
+        );
+    }
+    a.shutdown().await;
+    relay.shutdown().await;
+}

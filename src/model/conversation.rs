@@ -29,7 +29,7 @@
 //! segment), so a page merges segments in the order of their newest key below the cursor and stops
 //! as soon as no remaining segment can hold a key newer than the page's oldest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::{ReadDoc, ScalarValue, ScalarValueRef, Value, ValueRef, transaction::Transactable};
 
@@ -374,6 +374,22 @@ impl Conversation {
         limit: usize,
         visible: impl Fn(&MessageKey) -> bool,
     ) -> Result<Vec<(MessageKey, u32)>, ModelError> {
+        Ok(self
+            .page_keys_without(before, limit, visible, &BTreeSet::new())?
+            .0)
+    }
+
+    /// [`Self::page_keys`] with the segments in `absent` treated as empty (not held here); also
+    /// says whether one of them lies within the page's range, i.e. whether the page may lack
+    /// messages.
+    pub fn page_keys_without(
+        &self,
+        before: Option<MessageKey>,
+        limit: usize,
+        visible: impl Fn(&MessageKey) -> bool,
+        absent: &BTreeSet<u32>,
+    ) -> Result<(Vec<(MessageKey, u32)>, bool), ModelError> {
+        let mut gap = false;
         // Each segment's newest key below the cursor (for an unloaded segment, an upper bound of
         // it), newest first.
         let mut order: Vec<(MessageKey, u32, Option<&Segment>)> = self
@@ -400,6 +416,10 @@ impl Conversation {
             if page.len() >= limit && page.last().is_some_and(|(oldest, _)| top < *oldest) {
                 break;
             }
+            if absent.contains(&n) {
+                gap = true;
+                continue;
+            }
             let Some(segment) = segment else {
                 return Err(self.not_loaded(n));
             };
@@ -416,7 +436,7 @@ impl Conversation {
             page.sort_by_key(|e| std::cmp::Reverse(e.0));
             page.truncate(limit);
         }
-        Ok(page)
+        Ok((page, gap))
     }
 
     /// Whether any message is older than `key` (visible or not).

@@ -4,7 +4,7 @@
 //! Sans-IO: every call that needs the time takes `now_ms`; nothing here reads a clock, touches the
 //! network or the disk, or draws randomness.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::{ChangeHash, ScalarValue, transaction::Transactable};
 
@@ -635,6 +635,19 @@ impl Replica {
         before: Option<Cursor>,
         limit: usize,
     ) -> Result<Page, ModelError> {
+        self.history_without(conversation, before, limit, &BTreeSet::new())
+    }
+
+    /// [`Self::history`] with the segments numbered in `absent` left out (not held here, e.g.
+    /// evicted from the disk); the page is marked incomplete when one of them lies within its
+    /// range.
+    pub fn history_without(
+        &self,
+        conversation: &ConversationId,
+        before: Option<Cursor>,
+        limit: usize,
+        absent: &BTreeSet<u32>,
+    ) -> Result<Page, ModelError> {
         if limit > MAX_PAGE {
             return Err(ModelError::TooLarge {
                 field: "page limit",
@@ -643,9 +656,12 @@ impl Replica {
             });
         }
         let c = self.conversation(conversation)?;
-        let keys = c.page_keys(before.map(|b| b.0), limit, |k| {
-            !self.account_doc.is_hidden(conversation, k)
-        })?;
+        let (keys, gap) = c.page_keys_without(
+            before.map(|b| b.0),
+            limit,
+            |k| !self.account_doc.is_hidden(conversation, k),
+            absent,
+        )?;
         let mut messages: Vec<Message> = keys
             .iter()
             .filter_map(|(k, n)| c.segment(*n)?.message(*conversation, k))
@@ -660,7 +676,7 @@ impl Replica {
         Ok(Page {
             messages,
             next,
-            incomplete: false,
+            incomplete: gap,
         })
     }
 

@@ -285,6 +285,17 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether a document was evicted from the disk budget (without reading its content).
+    pub fn is_evicted(&self, addr: &DocAddr) -> Result<bool, StoreError> {
+        let lookup = doc_lookup(&self.sealer, addr);
+        let evicted: Option<bool> = self
+            .conn
+            .prepare_cached("SELECT evicted FROM docs WHERE lookup = ?1")?
+            .query_row(params![lookup], |r| r.get(0))
+            .optional()?;
+        Ok(evicted.unwrap_or(false))
+    }
+
     /// Reads a document: its snapshot and the chunks after it. `None` if never stored.
     pub fn load_doc(&self, addr: &DocAddr) -> Result<Option<StoredDoc>, StoreError> {
         let lookup = doc_lookup(&self.sealer, addr);
@@ -724,6 +735,17 @@ impl StoreTx<'_> {
         )?;
         self.tx
             .execute("DELETE FROM chunks WHERE doc = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// Clears an evicted document's mark: it is held again, empty until its changes are fetched
+    /// and appended. A document that is not evicted is left alone.
+    pub fn unevict(&mut self, addr: &DocAddr) -> Result<(), StoreError> {
+        let (id, _) = self.doc_row(addr)?;
+        self.tx.execute(
+            "UPDATE docs SET evicted = 0 WHERE id = ?1 AND evicted != 0",
+            params![id],
+        )?;
         Ok(())
     }
 

@@ -810,6 +810,49 @@ impl StoredReplica {
         Ok(page)
     }
 
+    /// A page of history from what is held here: segments evicted from the disk budget are
+    /// left out (the page says so with `incomplete`) and returned, to be fetched again.
+    pub fn history_held(
+        &mut self,
+        conversation: &ConversationId,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Page, Vec<DocAddr>)> {
+        let mut absent = BTreeSet::new();
+        loop {
+            match self.run(|r| r.history_without(conversation, before, limit, &absent)) {
+                Ok(page) => {
+                    self.touch_range(conversation, &page.messages);
+                    let evicted = absent
+                        .into_iter()
+                        .map(|n| DocAddr::Segment(*conversation, n))
+                        .collect();
+                    return Ok((page, evicted));
+                }
+                Err(ReplicaStoreError::Evicted(DocAddr::Segment(c, n)))
+                    if c == *conversation && absent.insert(n) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether `addr` is a segment evicted from the disk budget (one held in memory is not).
+    pub fn is_evicted(&self, addr: &DocAddr) -> Result<bool> {
+        match addr {
+            DocAddr::Segment(c, n) if !self.replica.is_segment_loaded(c, *n) => {
+                Ok(self.store.is_evicted(addr)?)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Makes an evicted document an empty one again, to be filled by fetching it from a relay
+    /// (from sequence 0: the caller resets its cursors in the same breath).
+    pub fn restore_evicted(&mut self, addr: &DocAddr) -> Result<()> {
+        self.store.write(|tx| tx.unevict(addr))?;
+        Ok(())
+    }
+
     /// One message.
     pub fn message(&mut self, conversation: &ConversationId, id: &MessageId) -> Result<Message> {
         self.run(|r| r.message(conversation, id))

@@ -67,6 +67,16 @@ impl Worker {
                 tracing::debug!(?doc, "envelopes of an unknown document dropped");
                 continue;
             };
+            // A segment evicted from the disk budget takes nothing until it is fetched again
+            // from the start; its cursor still moves (the relay keeps what it skips).
+            match self.replica.is_evicted(&addr) {
+                Ok(true) => {
+                    steps.extend(a.steps.into_iter().map(|(r, s)| (r, doc, s)));
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(?addr, error = %e, "reading the eviction mark failed"),
+            }
             let attempts = self.blocked.get(&doc).copied().unwrap_or(0);
             let mut not_yet = false;
             for bytes in &a.envelopes {

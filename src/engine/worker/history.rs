@@ -16,8 +16,20 @@ impl Worker {
         limit: usize,
         may_wait: bool,
     ) -> Result<(Page, Option<oneshot::Receiver<()>>), EngineError> {
-        let mut page = self.replica.history(conversation, before, limit)?;
-        if page.next.is_some() || page.messages.len() >= limit {
+        let (mut page, evicted) = self.replica.history_held(conversation, before, limit)?;
+        let live = self.live_relays();
+        if !evicted.is_empty() && may_wait && !live.is_empty() {
+            // Segments dropped under the disk budget come back the way they first came.
+            let mut docs = HashSet::new();
+            for addr in evicted {
+                self.refetch(addr)?;
+                docs.insert(addr.doc_id());
+            }
+            let (tx, rx) = oneshot::channel();
+            self.history_waiters.push((docs, tx));
+            return Ok((page, Some(rx)));
+        }
+        if page.incomplete || page.next.is_some() || page.messages.len() >= limit {
             return Ok((page, None));
         }
         let missing = self.segments_not_held(conversation)?;
@@ -25,7 +37,6 @@ impl Worker {
             return Ok((page, None));
         }
         page.incomplete = true;
-        let live = self.live_relays();
         if !may_wait || live.is_empty() {
             return Ok((page, None));
         }
@@ -36,6 +47,33 @@ impl Worker {
         let (tx, rx) = oneshot::channel();
         self.history_waiters.push((missing, tx));
         Ok((page, Some(rx)))
+    }
+
+    /// Fetches an evicted document again from sequence 0 on every relay, ahead of the rest of
+    /// the catch-up: it is made an empty held document, its cursors are reset (stored at once,
+    /// so a restart fetches it too), and it is subscribed again where connected.
+    fn refetch(&mut self, addr: DocAddr) -> Result<(), EngineError> {
+        let doc = addr.doc_id();
+        self.replica.restore_evicted(&addr)?;
+        let keys: Vec<[u8; 32]> = self.relays.iter().map(|r| *r.addr.key.as_bytes()).collect();
+        self.replica.store().write(|tx| {
+            for key in &keys {
+                tx.set_cursor(key, &addr, 0)?;
+            }
+            Ok(())
+        })?;
+        // A cursor queued earlier in this turn must not undo the reset.
+        self.pending_cursors.retain(|(_, a, _)| *a != addr);
+        self.docs.insert(doc, addr);
+        self.wanted.insert(doc);
+        for relay in 0..self.relays.len() {
+            self.relays[relay].session.rewind(&doc, 0);
+            if self.relays[relay].out.is_some() {
+                self.relays[relay].session.queue_subscriptions([doc]);
+                self.send_subscriptions(relay);
+            }
+        }
+        Ok(())
     }
 
     /// Segments of `conversation` this device has not caught up on: waiting or catching up on a
