@@ -458,6 +458,30 @@ fn history_pages_across_segments_exactly_once_in_order() {
 }
 
 #[test]
+fn history_without_absent_segments_leaves_them_out_and_says_so() {
+    let mut a = replica(1, 1, 2);
+    let c = a.create_conversation(T0, "gaps", &[]).unwrap();
+    // Segments of two: 0 = m0 m1, 1 = m2 m3, 2 = m4.
+    let sent: Vec<MessageId> = (0..5)
+        .map(|i| a.send(T0 + i, &c, &Draft::text(format!("m{i}"))).unwrap())
+        .collect();
+    let absent = std::collections::BTreeSet::from([1]);
+    let page = a.history_without(&c, None, 10, &absent).unwrap();
+    assert_eq!(ids(&page.messages), vec![sent[0], sent[1], sent[4]]);
+    assert!(page.incomplete);
+    // A page that ends before the absent segment is complete.
+    let page = a.history_without(&c, None, 1, &absent).unwrap();
+    assert_eq!(ids(&page.messages), vec![sent[4]]);
+    assert!(!page.incomplete);
+    // Nothing absent: the plain history.
+    let page = a
+        .history_without(&c, None, 10, &Default::default())
+        .unwrap();
+    assert_eq!(page, a.history(&c, None, 10).unwrap());
+    assert!(!page.incomplete && ids(&page.messages) == sent);
+}
+
+#[test]
 fn message_by_id_across_segments() {
     let mut a = replica(1, 1, 2);
     let c = a.create_conversation(T0, "lookup", &[]).unwrap();
