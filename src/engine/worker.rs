@@ -33,6 +33,9 @@ mod groups;
 mod local;
 mod relays;
 mod signals;
+mod snapshots;
+
+pub use snapshots::{MAX_SNAPSHOTS_PER_TICK, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_FORMAT_VERSION};
 
 /// Most inputs handled in one turn of the worker before it stores and answers.
 pub const MAX_INPUTS_PER_TURN: usize = 4_096;
@@ -172,6 +175,8 @@ pub(crate) struct Worker {
     blocked: HashMap<DocId, u32>,
     /// Invitation codes waiting for the relay to register their offer, by rendezvous.
     offers: HashMap<[u8; 32], (String, CodeReply)>,
+    /// Snapshots made, taken and distrusted.
+    snapshots: snapshots::Snapshots,
     pub(crate) stopping: bool,
 }
 
@@ -256,6 +261,7 @@ impl Worker {
             pending_cursors: Vec::new(),
             blocked: HashMap::new(),
             offers: HashMap::new(),
+            snapshots: snapshots::Snapshots::default(),
             stopping: false,
         };
         w.index_devices();
@@ -315,6 +321,9 @@ impl Worker {
                 heard_ms: 0,
             });
         }
+        let relay_keys: Vec<[u8; 32]> = w.relays.iter().map(|r| *r.addr.key.as_bytes()).collect();
+        let doc_ids: Vec<DocId> = addrs.iter().map(DocAddr::doc_id).collect();
+        w.snapshots = snapshots::Snapshots::load(w.replica.store(), &relay_keys, &doc_ids)?;
         // Changes made before a crash between storing them and sealing them are sealed now.
         w.seal_new(addrs.into_iter().collect())?;
         Ok(w)
@@ -397,7 +406,10 @@ impl Worker {
                     match other {
                         Input::Run(job) => job(self),
                         Input::Net(ev) => self.handle_net(ev),
-                        Input::Tick => self.check_silent_relays(now_ms()),
+                        Input::Tick => {
+                            self.check_silent_relays(now_ms());
+                            self.make_snapshots();
+                        }
                         Input::Shutdown => self.stopping = true,
                     }
                 }
