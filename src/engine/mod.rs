@@ -160,6 +160,12 @@ pub struct SyncStatus {
     pub relays: Vec<RelayStatus>,
     /// Envelopes stored here that not every relay has acknowledged yet.
     pub pending_uploads: usize,
+    /// Documents this device started from a relay's snapshot since it was opened.
+    pub snapshots_taken: u64,
+    /// Of those, the ones found to leave changes out and fetched whole instead.
+    pub snapshots_distrusted: u64,
+    /// Snapshots this device uploaded that a relay acknowledged since it was opened.
+    pub snapshots_made: u64,
 }
 
 /// What the app hears about.

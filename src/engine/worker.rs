@@ -486,6 +486,9 @@ impl Worker {
                 })
                 .collect(),
             pending_uploads: self.outbox.len(),
+            snapshots_taken: self.snapshots.taken,
+            snapshots_distrusted: self.snapshots.distrusted,
+            snapshots_made: self.snapshots.made,
         }
     }
 

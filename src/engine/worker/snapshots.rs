@@ -50,6 +50,10 @@ pub(crate) struct Snapshots {
     seeded: HashMap<DocId, usize>,
     /// Per relay and document: the cursor when it was last considered for a snapshot.
     checked: HashMap<(usize, DocId), u64>,
+    /// Snapshots taken, distrusted and made (acknowledged) since start.
+    pub(super) taken: u64,
+    pub(super) distrusted: u64,
+    pub(super) made: u64,
 }
 
 impl Default for Snapshots {
@@ -60,6 +64,9 @@ impl Default for Snapshots {
             marks: HashMap::new(),
             seeded: HashMap::new(),
             checked: HashMap::new(),
+            taken: 0,
+            distrusted: 0,
+            made: 0,
         }
     }
 }
@@ -275,6 +282,7 @@ impl Worker {
         if !stored {
             return;
         }
+        self.snapshots.made += 1;
         let mut value = covers.to_be_bytes().to_vec();
         value.extend_from_slice(&changes.to_be_bytes());
         let name = mark_setting(&key, &doc);
@@ -375,6 +383,7 @@ impl Worker {
             });
         }
         self.snapshots.seeded.insert(doc, relay);
+        self.snapshots.taken += 1;
         let step = match self.relays.get_mut(relay) {
             Some(r) => r.session.on_snapshot(doc, covers),
             None => return Ok(()),
@@ -487,6 +496,7 @@ impl Worker {
             reason: format!("snapshot left changes out: {why}"),
         });
         self.snapshots.no_snapshot.insert(doc);
+        self.snapshots.distrusted += 1;
         let name = no_snapshot_setting(&doc);
         if let Err(e) = self.replica.store().write(|tx| tx.put_setting(&name, &[1])) {
             tracing::warn!(error = %e, "storing a no-snapshot mark failed");
