@@ -118,12 +118,30 @@ async fn catch_up_bytes(relay: &PeerAddr, who: Stored, items: Vec<Subscription>)
     client.hello(1).await;
     client.send(Message::Subscribe { req: 2, items }).await;
     let (mut bytes, mut snapshots) = (0, 0);
+    // Where each document's catch-up stands: after a snapshot, what it covers.
+    let mut at: std::collections::HashMap<DocId, u64> = std::collections::HashMap::new();
     loop {
         let msg = client.next().await;
         bytes += msg.encode().len() + 6;
-        match msg {
+        match &msg {
             Message::Done { req: 2 } => return (bytes, snapshots),
-            Message::Snapshot { .. } => snapshots += 1,
+            Message::Snapshot { doc, envelope, .. } => {
+                snapshots += 1;
+                let header = SealedEnvelope::decode(envelope).unwrap().header;
+                assert_eq!(header.first_seq, header.last_seq);
+                assert!(!at.contains_key(doc), "the snapshot comes first");
+                at.insert(*doc, header.first_seq);
+            }
+            Message::Envelopes { doc, items, .. } => {
+                // The envelopes continue from the cursor, or from what the snapshot covers.
+                let from = at.entry(*doc).or_insert(0);
+                if let Some(first) = items.first() {
+                    assert_eq!(first.prev, *from, "{doc}");
+                }
+                if let Some(last) = items.last() {
+                    *from = last.seq;
+                }
+            }
             Message::Error { .. } => panic!("{msg:?}"),
             _ => {}
         }
@@ -154,6 +172,49 @@ fn all_docs(
         }
     }
     items
+}
+
+/// Seals `honest`'s plaintext, passed through `change`, again as the stopped device `name` of
+/// `account`, claiming it covers `covers`, and puts it on the relay for the account.
+async fn put_forged_snapshot(
+    dir: &Path,
+    relay: &PeerAddr,
+    (name, account): (&str, AccountId),
+    chat: &ConversationId,
+    honest: &StoredSnapshot,
+    covers: u64,
+    change: impl FnOnce(&mut Vec<u8>),
+) {
+    let who = stored(dir, name, account);
+    let old = SealedEnvelope::decode(&honest.bytes).unwrap();
+    let keys = GroupKeys(&who, meta(chat));
+    let mut plaintext = old
+        .open(&segment(chat), &keys, |_: &_, _: &_, _: KeyEpoch| true)
+        .unwrap()
+        .plaintext;
+    change(&mut plaintext);
+    let key = keys
+        .doc_key(&segment(chat), old.header.epoch)
+        .unwrap()
+        .clone();
+    let header = EnvelopeHeader {
+        first_seq: covers,
+        last_seq: covers,
+        ..old.header
+    };
+    let forged = SealedEnvelope::seal(&who.secret, &key, header, &plaintext).unwrap();
+    let mut client = Client::connect_as(relay, who.secret, who.log).await;
+    client.hello(1).await;
+    let answer = client
+        .request(Message::PutSnapshot {
+            req: 2,
+            group: meta(chat),
+            envelope: forged,
+        })
+        .await;
+    assert_eq!(answer, Message::Done { req: 2 });
+    let served = until_snapshot(dir, segment(chat), account, honest.covers).await;
+    assert_eq!(served.covers, covers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,35 +339,8 @@ async fn a_snapshot_that_leaves_changes_out_is_detected_and_the_document_fetched
     a1.shutdown().await;
 
     // A real device of the account seals the old state again, claiming it covers everything.
-    let who = stored(dir.path(), "a1", me);
-    let old = SealedEnvelope::decode(&honest.bytes).unwrap();
-    let keys = GroupKeys(&who, meta(&chat));
-    let opened = old
-        .open(&segment(&chat), &keys, |_: &_, _: &_, _: KeyEpoch| true)
-        .unwrap();
-    let key = keys
-        .doc_key(&segment(&chat), old.header.epoch)
-        .unwrap()
-        .clone();
-    let header = EnvelopeHeader {
-        first_seq: end,
-        last_seq: end,
-        ..old.header
-    };
-    let lie = SealedEnvelope::seal(&who.secret, &key, header, &opened.plaintext).unwrap();
-    let mut client = Client::connect_as(&addr, who.secret, who.log).await;
-    client.hello(1).await;
-    let answer = client
-        .request(Message::PutSnapshot {
-            req: 2,
-            group: meta(&chat),
-            envelope: lie,
-        })
-        .await;
-    assert_eq!(answer, Message::Done { req: 2 });
-    drop(client);
-    let served = until_snapshot(dir.path(), segment(&chat), me, honest.covers).await;
-    assert_eq!(served.covers, end);
+    let forger = ("a1", me);
+    put_forged_snapshot(dir.path(), &addr, forger, &chat, &honest, end, |_| {}).await;
 
     // The old device writes on: its next change depends on what the snapshot left out.
     let a1 = Engine::open(config(dir.path(), "a1", &addr)).await.unwrap();
@@ -380,4 +414,40 @@ async fn another_accounts_snapshot_is_never_served() {
     assert_eq!(snapshots, 0);
     a2.shutdown().await;
     b1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_snapshot_falls_back_to_the_envelopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let a1 = account(dir.path(), "a1", &addr).await;
+    let me = a1.account();
+    let chat = a1.create_conversation("chat", &[]).await.unwrap();
+    send_many(&a1, &chat, 300, "before").await;
+    until_uploaded(&a1).await;
+    let honest = until_snapshot(dir.path(), segment(&chat), me, 0).await;
+    send_many(&a1, &chat, 20, "after").await;
+    until_uploaded(&a1).await;
+    let end = last_seq(dir.path(), segment(&chat));
+    a1.shutdown().await;
+    // Signed by a real device, but of a snapshot format this version does not read.
+    let forger = ("a1", me);
+    let covers = honest.covers + (end - honest.covers) / 2;
+    put_forged_snapshot(dir.path(), &addr, forger, &chat, &honest, covers, |p| {
+        p[0] = 9
+    })
+    .await;
+    let a1 = Engine::open(config(dir.path(), "a1", &addr)).await.unwrap();
+    until_live(&a1).await;
+    let a2 = linked(dir.path(), "a2", &addr, &a1).await;
+    until_listed(&a2, &chat).await;
+    // Every envelope arrives, the ones the refused snapshot claimed to cover too.
+    until_history(&a2, &chat, 320).await;
+    assert_eq!(
+        full_history(&a2, &chat).await,
+        full_history(&a1, &chat).await
+    );
+    a2.shutdown().await;
+    a1.shutdown().await;
 }
