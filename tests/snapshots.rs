@@ -448,6 +448,7 @@ async fn a_refused_snapshot_falls_back_to_the_envelopes() {
         full_history(&a2, &chat).await,
         full_history(&a1, &chat).await
     );
+    assert_eq!(a2.sync_status().await.unwrap().snapshots_taken, 0);
     a2.shutdown().await;
     a1.shutdown().await;
 }
