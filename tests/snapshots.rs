@@ -111,28 +111,42 @@ impl KeySource for GroupKeys<'_> {
     }
 }
 
-/// What a new device of the account receives in a catch-up of `items` from cursor 0: bytes on
-/// the wire (message frames) and snapshots.
-async fn catch_up_bytes(relay: &PeerAddr, who: Stored, items: Vec<Subscription>) -> (usize, usize) {
+/// What a new device of the account receives in a catch-up of `items` from cursor 0.
+#[derive(Debug, Default)]
+struct CatchUp {
+    /// Bytes on the wire (message frames, headers included).
+    bytes: usize,
+    /// Snapshots received.
+    snapshots: usize,
+    /// Bytes of the snapshot messages.
+    snapshot_bytes: usize,
+    /// Envelopes received.
+    envelopes: usize,
+}
+
+async fn catch_up_bytes(relay: &PeerAddr, who: Stored, items: Vec<Subscription>) -> CatchUp {
     let mut client = Client::connect_as(relay, who.secret, who.log).await;
     client.hello(1).await;
     client.send(Message::Subscribe { req: 2, items }).await;
-    let (mut bytes, mut snapshots) = (0, 0);
+    let mut out = CatchUp::default();
     // Where each document's catch-up stands: after a snapshot, what it covers.
     let mut at: std::collections::HashMap<DocId, u64> = std::collections::HashMap::new();
     loop {
         let msg = client.next().await;
-        bytes += msg.encode().len() + 6;
+        let len = msg.encode().len() + 6;
+        out.bytes += len;
         match &msg {
-            Message::Done { req: 2 } => return (bytes, snapshots),
+            Message::Done { req: 2 } => return out,
             Message::Snapshot { doc, envelope, .. } => {
-                snapshots += 1;
+                out.snapshots += 1;
+                out.snapshot_bytes += len;
                 let header = SealedEnvelope::decode(envelope).unwrap().header;
                 assert_eq!(header.first_seq, header.last_seq);
                 assert!(!at.contains_key(doc), "the snapshot comes first");
                 at.insert(*doc, header.first_seq);
             }
             Message::Envelopes { doc, items, .. } => {
+                out.envelopes += items.len();
                 // The envelopes continue from the cursor, or from what the snapshot covers.
                 let from = at.entry(*doc).or_insert(0);
                 if let Some(first) = items.first() {
@@ -276,17 +290,28 @@ async fn a_new_device_catches_up_from_snapshots_and_the_envelopes_after_them() {
         all_docs(me, &chats, false),
     )
     .await;
-    assert!(with.1 >= 2 && without.1 == 0);
+    assert!(with.snapshots >= 2 && without.snapshots == 0);
     println!(
-        "catch-up of {messages} messages in 3 conversations: {} B ({:.0} B/message) with {} \
-         snapshots, {} B ({:.0} B/message) without",
-        with.0,
-        with.0 as f64 / messages as f64,
-        with.1,
-        without.0,
-        without.0 as f64 / messages as f64,
+        "catch-up of {messages} messages in 3 conversations: {} B ({:.0} B/message) with \
+         snapshots ({} snapshots of {} B, {} envelopes), {} B ({:.0} B/message, {} envelopes) \
+         without",
+        with.bytes,
+        with.bytes as f64 / messages as f64,
+        with.snapshots,
+        with.snapshot_bytes,
+        with.envelopes,
+        without.bytes,
+        without.bytes as f64 / messages as f64,
+        without.envelopes,
     );
-    assert!(with.0 < without.0);
+    // What the snapshots replace: the envelopes the catch-up without them has in excess.
+    let covered = without.envelopes - with.envelopes;
+    println!(
+        "the snapshots stand for {covered} envelopes: {:.0} B per message instead of {:.0} B",
+        with.snapshot_bytes as f64 / covered as f64,
+        (without.bytes - (with.bytes - with.snapshot_bytes)) as f64 / covered as f64,
+    );
+    assert!(with.bytes < without.bytes);
     a2.shutdown().await;
 }
 
@@ -400,7 +425,7 @@ async fn another_accounts_snapshot_is_never_served() {
     // At the protocol level: asking for a snapshot as Alice's device never yields Bob's.
     let alice = a1.account();
     a1.shutdown().await;
-    let (_, snapshots) = catch_up_bytes(
+    let CatchUp { snapshots, .. } = catch_up_bytes(
         &addr,
         stored(dir.path(), "a1", alice),
         vec![Subscription {
