@@ -306,6 +306,7 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
                     doc: FIXTURE_DOC,
                     group: FIXTURE_DOC,
                     after_seq: 3,
+                    snapshot: false,
                 }],
             },
             Message::Envelopes {
@@ -333,6 +334,16 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
                 req: 5,
                 group: FIXTURE_DOC,
                 envelope: env.clone(),
+            });
+            messages.push(Message::PutSnapshot {
+                req: 6,
+                group: FIXTURE_DOC,
+                envelope: env.clone(),
+            });
+            messages.push(Message::Snapshot {
+                req: 2,
+                doc: FIXTURE_DOC,
+                envelope: env.encode(),
             });
             out.push(("message_decode", encode_datagram(&FIXTURE_DOC, env)));
         }
@@ -604,7 +615,7 @@ mod tests {
     #[test]
     fn seeds_pass_every_check() {
         let seeds = seed_inputs();
-        assert_eq!(seeds.len(), 2 + 4 + 3 + 3 + 8 + 2 + 9);
+        assert_eq!(seeds.len(), 2 + 4 + 3 + 3 + 10 + 2 + 9);
         let [a, _] = fixture_devices();
         let ring = fixture_keyring();
         for (target, bytes) in &seeds {

@@ -47,6 +47,7 @@ async fn a_non_member_can_neither_read_nor_write_a_conversation() {
                 doc: segment,
                 group,
                 after_seq: 0,
+                snapshot: false,
             }],
         })
         .await;

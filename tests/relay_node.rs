@@ -57,6 +57,7 @@ async fn append_is_acknowledged_and_pushed_to_the_other_member() {
                     doc: segment(),
                     group: group(),
                     after_seq: 0,
+                    snapshot: false,
                 }],
             })
             .await;
@@ -265,6 +266,7 @@ async fn a_restarted_relay_keeps_its_key_and_everything_acknowledged() {
                 doc: segment(),
                 group: group(),
                 after_seq: 0,
+                snapshot: false,
             }],
         })
         .await;

@@ -60,7 +60,8 @@ pub use conn::{BACKOFF_MAX_MS, BACKOFF_START_MS, backoff_ms};
 pub use session::FETCH_LIMIT;
 pub use worker::{
     CATCH_UP_EVENT_MS, HEARTBEAT_MS, INVITE_TTL_MS, MAX_APPENDS_IN_FLIGHT, MAX_BLOCKED_RETRIES,
-    MAX_INPUTS_PER_TURN, SILENT_RELAY_MS,
+    MAX_INPUTS_PER_TURN, MAX_SNAPSHOTS_PER_TICK, SILENT_RELAY_MS, SNAPSHOT_AFTER_CHANGES,
+    SNAPSHOT_FORMAT_VERSION,
 };
 
 use worker::{Input, Worker};
@@ -105,6 +106,9 @@ pub struct EngineConfig {
     pub store: StoreConfig,
     /// Local UDP address to bind (port 0: any).
     pub bind: SocketAddr,
+    /// Changes held of a document past this device's last snapshot of it on a relay after
+    /// which it uploads a new one ([`SNAPSHOT_AFTER_CHANGES`] by default); `None`: never.
+    pub snapshot_after_changes: Option<u64>,
 }
 
 impl EngineConfig {
@@ -121,6 +125,7 @@ impl EngineConfig {
             platform: std::env::consts::OS.to_owned(),
             store: StoreConfig::default(),
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            snapshot_after_changes: Some(SNAPSHOT_AFTER_CHANGES),
         }
     }
 }
@@ -193,6 +198,12 @@ pub struct SyncStatus {
     pub relays: Vec<RelayStatus>,
     /// Envelopes stored here that not every relay has acknowledged yet.
     pub pending_uploads: usize,
+    /// Documents this device started from a relay's snapshot since it was opened.
+    pub snapshots_taken: u64,
+    /// Of those, the ones found to leave changes out and fetched whole instead.
+    pub snapshots_distrusted: u64,
+    /// Snapshots this device uploaded that a relay acknowledged since it was opened.
+    pub snapshots_made: u64,
 }
 
 /// What the app hears about.
@@ -606,9 +617,10 @@ impl Engine {
     }
 
     async fn start(
-        (worker, config): (Worker, EngineConfig),
+        (mut worker, config): (Worker, EngineConfig),
         events: broadcast::Sender<Event>,
     ) -> Result<Engine, EngineError> {
+        worker.set_snapshot_after(config.snapshot_after_changes);
         let account = worker.account();
         let device = worker.device();
         let identity = Arc::new(Identity::from_device(&worker.secret)?);

@@ -52,6 +52,15 @@ pub(crate) enum Pending {
     },
     /// A range of a document asked for.
     Fetch(DocId),
+    /// A snapshot uploaded.
+    PutSnapshot {
+        /// The document.
+        doc: DocId,
+        /// The relay sequence number it covers.
+        covers: u64,
+        /// The changes of the document it holds.
+        changes: u64,
+    },
     /// A pairing offer registered, by rendezvous.
     PairOffer([u8; 32]),
     /// A pairing answer forwarded.
@@ -191,6 +200,11 @@ impl Session {
             .collect()
     }
 
+    /// Whether an open request is one `f` picks.
+    pub fn any_pending(&self, f: impl Fn(&Pending) -> bool) -> bool {
+        self.pending.values().any(f)
+    }
+
     /// Open requests.
     pub fn open_requests(&self) -> usize {
         self.pending.len()
@@ -294,24 +308,64 @@ impl Session {
         }
     }
 
-    /// The answer to a fetch or catch-up of `doc`: `items` (sequence numbers, in order) are
-    /// contiguous from the cursor that was asked for.
-    pub fn on_fetched(&mut self, doc: DocId, last_seq: Option<u64>, more: bool) -> CursorStep {
+    /// The answer to a fetch or catch-up of `doc`; `span` is the first item's `prev` and the
+    /// last item's sequence number (`None` for an empty answer). The items are contiguous from
+    /// the cursor that was asked for, which is not always the cursor now: after a refused
+    /// snapshot, the envelopes after what it covers arrive with a `prev` past the cursor. Such a
+    /// gap never moves the cursor; the document is marked behind and fetched from its cursor
+    /// (at once, or when the catch-up ends). `more` continues a fetch.
+    pub fn on_fetched(&mut self, doc: DocId, span: Option<(u64, u64)>, more: bool) -> CursorStep {
         let c = self.cursors.entry(doc).or_default();
         let mut step = CursorStep::default();
-        if let Some(last) = last_seq {
-            if last > c.seq {
+        let gap = span.is_some_and(|(prev, _)| prev > c.seq);
+        if let Some((_, last)) = span {
+            if !gap && last > c.seq {
                 c.seq = last;
                 step.advanced_to = Some(last);
             }
         }
-        if more {
+        if gap {
+            c.behind = true;
+        }
+        if more || (gap && !c.catching_up) {
             c.fetching = true;
             step.fetch_after = Some(c.seq);
         } else {
             c.fetching = false;
         }
         step
+    }
+
+    /// A snapshot of `doc` covering every envelope up to `covers` was applied.
+    pub fn on_snapshot(&mut self, doc: DocId, covers: u64) -> CursorStep {
+        let c = self.cursors.entry(doc).or_default();
+        let mut step = CursorStep::default();
+        if covers > c.seq {
+            c.seq = covers;
+            step.advanced_to = Some(covers);
+        }
+        step
+    }
+
+    /// A snapshot of `doc` was refused: what it covered is missing, so the document is fetched
+    /// from its cursor once the catch-up ends (even if no envelope after it shows the gap).
+    pub fn snapshot_refused(&mut self, doc: DocId) {
+        self.cursors.entry(doc).or_default().behind = true;
+    }
+
+    /// Starts `doc` over from sequence number 0 (what it holds is not to be trusted as
+    /// complete): the cursor goes to 0 and a fetch from 0 is taken as open. Returns the cursor.
+    pub fn restart(&mut self, doc: DocId) -> u64 {
+        let c = self.cursors.entry(doc).or_default();
+        c.seq = 0;
+        c.behind = false;
+        c.fetching = true;
+        0
+    }
+
+    /// The state of `doc`'s cursor, if it has one.
+    pub fn doc_cursor(&self, doc: &DocId) -> Option<DocCursor> {
+        self.cursors.get(doc).copied()
     }
 
     /// A pushed envelope of `doc`, or this device's own acknowledged one.
@@ -403,7 +457,7 @@ mod tests {
         assert_eq!(step.fetch_after, Some(10));
         // A second push while the fetch is open does not fetch again.
         assert_eq!(s.on_pushed(doc(), 22, 20).fetch_after, None);
-        let step = s.on_fetched(doc(), Some(22), false);
+        let step = s.on_fetched(doc(), Some((10, 22)), false);
         assert_eq!(step.advanced_to, Some(22));
         assert_eq!(step.fetch_after, None);
         s.caught_up(&doc());
@@ -415,12 +469,15 @@ mod tests {
         let mut s = Session::new([(doc(), 0)]);
         s.start_catch_up(&[doc()]);
         assert_eq!(s.on_pushed(doc(), 50, 40).fetch_after, None);
-        assert_eq!(s.on_fetched(doc(), Some(30), false).advanced_to, Some(30));
+        assert_eq!(
+            s.on_fetched(doc(), Some((0, 30)), false).advanced_to,
+            Some(30)
+        );
         assert_eq!(s.end_catch_up(&[doc()]), vec![(doc(), 30)]);
         // A catch-up that covered everything needs no fetch.
         let mut s = Session::new([(doc(), 0)]);
         s.start_catch_up(&[doc()]);
-        s.on_fetched(doc(), Some(30), false);
+        s.on_fetched(doc(), Some((0, 30)), false);
         assert!(s.end_catch_up(&[doc()]).is_empty());
     }
 
@@ -511,7 +568,7 @@ mod tests {
     #[test]
     fn a_long_fetch_continues_and_requests_are_tracked() {
         let mut s = Session::new([]);
-        let step = s.on_fetched(doc(), Some(100), true);
+        let step = s.on_fetched(doc(), Some((0, 100)), true);
         assert_eq!(step.fetch_after, Some(100));
         let req = s.request(Pending::Fetch(doc()));
         assert_eq!(s.pending(req), Some(&Pending::Fetch(doc())));
@@ -521,5 +578,67 @@ mod tests {
         s.reset();
         assert_eq!(s.pending(r1), None);
         assert_eq!(s.cursor(&doc()), 100, "cursors survive a reconnect");
+    }
+
+    #[test]
+    fn a_snapshot_moves_the_cursor_and_envelopes_after_it_extend_it() {
+        let mut s = Session::new([]);
+        s.start_catch_up(&[doc()]);
+        assert_eq!(s.on_snapshot(doc(), 40).advanced_to, Some(40));
+        // The catch-up continues after what the snapshot covers.
+        let step = s.on_fetched(doc(), Some((40, 55)), false);
+        assert_eq!(step.advanced_to, Some(55));
+        assert!(s.end_catch_up(&[doc()]).is_empty());
+        assert_eq!(s.cursor(&doc()), 55);
+        // A snapshot behind the cursor changes nothing.
+        assert_eq!(s.on_snapshot(doc(), 30), CursorStep::default());
+        assert_eq!(s.cursor(&doc()), 55);
+    }
+
+    #[test]
+    fn after_a_refused_snapshot_the_envelopes_past_it_do_not_move_the_cursor() {
+        let mut s = Session::new([]);
+        s.start_catch_up(&[doc()]);
+        s.snapshot_refused(doc());
+        // The relay goes on after what the snapshot covered: a gap from cursor 0.
+        let step = s.on_fetched(doc(), Some((40, 55)), false);
+        assert_eq!(step, CursorStep::default());
+        assert_eq!(s.cursor(&doc()), 0);
+        // When the catch-up ends, the document is fetched from 0.
+        assert_eq!(s.end_catch_up(&[doc()]), vec![(doc(), 0)]);
+        let step = s.on_fetched(doc(), Some((0, 55)), false);
+        assert_eq!(step.advanced_to, Some(55));
+        s.caught_up(&doc());
+        assert_eq!(s.doc_cursor(&doc()).map(|c| c.behind), Some(false));
+    }
+
+    #[test]
+    fn a_refused_snapshot_with_nothing_after_it_still_fetches() {
+        let mut s = Session::new([]);
+        s.start_catch_up(&[doc()]);
+        s.snapshot_refused(doc());
+        // The catch-up's answer after the snapshot is empty.
+        assert_eq!(s.on_fetched(doc(), None, false), CursorStep::default());
+        assert_eq!(s.end_catch_up(&[doc()]), vec![(doc(), 0)]);
+    }
+
+    #[test]
+    fn a_gap_in_a_fetch_answer_fetches_from_the_cursor_again() {
+        let mut s = Session::new([(doc(), 10)]);
+        let step = s.on_fetched(doc(), Some((20, 30)), false);
+        assert_eq!(step.advanced_to, None);
+        assert_eq!(step.fetch_after, Some(10));
+        assert_eq!(s.cursor(&doc()), 10);
+    }
+
+    #[test]
+    fn a_restart_goes_back_to_zero() {
+        let mut s = Session::new([(doc(), 70)]);
+        assert_eq!(s.restart(doc()), 0);
+        assert_eq!(s.cursor(&doc()), 0);
+        // Pushes past the old cursor wait for the fetch from 0.
+        assert_eq!(s.on_pushed(doc(), 80, 70), CursorStep::default());
+        let step = s.on_fetched(doc(), Some((0, 70)), false);
+        assert_eq!(step.advanced_to, Some(70));
     }
 }

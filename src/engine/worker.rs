@@ -40,6 +40,9 @@ mod history;
 mod local;
 mod relays;
 mod signals;
+mod snapshots;
+
+pub use snapshots::{MAX_SNAPSHOTS_PER_TICK, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_FORMAT_VERSION};
 
 /// Most inputs handled in one turn of the worker before it stores and answers.
 pub const MAX_INPUTS_PER_TURN: usize = 4_096;
@@ -189,6 +192,8 @@ pub(crate) struct Worker {
     history_waiters: Vec<(HashSet<DocId>, oneshot::Sender<()>)>,
     /// Invitation codes waiting for the relay to register their offer, by rendezvous.
     offers: HashMap<[u8; 32], (String, CodeReply)>,
+    /// Snapshots made, taken and distrusted.
+    snapshots: snapshots::Snapshots,
     pub(crate) stopping: bool,
 }
 
@@ -275,6 +280,7 @@ impl Worker {
             wanted: HashSet::new(),
             history_waiters: Vec::new(),
             offers: HashMap::new(),
+            snapshots: snapshots::Snapshots::default(),
             stopping: false,
         };
         w.index_devices();
@@ -336,6 +342,9 @@ impl Worker {
                 progress_ms: 0,
             });
         }
+        let relay_keys: Vec<[u8; 32]> = w.relays.iter().map(|r| *r.addr.key.as_bytes()).collect();
+        let doc_ids: Vec<DocId> = addrs.iter().map(DocAddr::doc_id).collect();
+        w.snapshots = snapshots::Snapshots::load(w.replica.store(), &relay_keys, &doc_ids)?;
         // Changes made before a crash between storing them and sealing them are sealed now.
         w.seal_new(addrs.into_iter().collect())?;
         Ok(w)
@@ -418,7 +427,10 @@ impl Worker {
                     match other {
                         Input::Run(job) => job(self),
                         Input::Net(ev) => self.handle_net(ev),
-                        Input::Tick => self.check_silent_relays(now_ms()),
+                        Input::Tick => {
+                            self.check_silent_relays(now_ms());
+                            self.make_snapshots();
+                        }
                         Input::Shutdown => self.stopping = true,
                     }
                 }
@@ -497,6 +509,9 @@ impl Worker {
                 })
                 .collect(),
             pending_uploads: self.outbox.len(),
+            snapshots_taken: self.snapshots.taken,
+            snapshots_distrusted: self.snapshots.distrusted,
+            snapshots_made: self.snapshots.made,
         }
     }
 

@@ -63,9 +63,12 @@ mod error;
 mod groups;
 mod interface;
 mod pairing;
+mod snapshots;
 
 pub use error::RequestError;
-pub use interface::{AuthRefusal, ConnId, Input, Output, PersistOp, RelayEvent, StoreOutcome};
+pub use interface::{
+    AuthRefusal, CatchUpItem, ConnId, Input, Output, PersistOp, RelayEvent, StoreOutcome,
+};
 
 /// Counters, for monitoring.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -427,6 +430,11 @@ impl RelayCore {
                 after_seq,
                 limit,
             } => self.handle_fetch(conn, req, doc, after_seq, limit, out),
+            Message::PutSnapshot {
+                req,
+                group,
+                envelope,
+            } => self.handle_put_snapshot(conn, req, group, envelope, out),
             Message::PairOffer { req, rendezvous } => {
                 self.handle_pair_offer(conn, req, rendezvous, now_ms, out)
             }
@@ -589,6 +597,8 @@ fn message_name(msg: &Message) -> &'static str {
         Message::PairOffer { .. } => "PairOffer",
         Message::PairJoin { .. } => "PairJoin",
         Message::PairAnswer { .. } => "PairAnswer",
+        Message::PutSnapshot { .. } => "PutSnapshot",
+        Message::Snapshot { .. } => "Snapshot",
         Message::HelloOk { .. } => "HelloOk",
         Message::Done { .. } => "Done",
         Message::Ack { .. } => "Ack",

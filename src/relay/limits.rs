@@ -31,6 +31,10 @@ pub const MAX_APPENDS_IN_FLIGHT_PER_CONN: usize = 16 * 1024;
 /// Most envelope bytes of one connection waiting for the disk at once.
 pub const MAX_APPEND_BYTES_IN_FLIGHT_PER_CONN: usize = 64 * 1024 * 1024;
 
+/// Largest snapshot envelope the relay keeps (its encoding, header and signature included): a
+/// full segment's compacted save is far smaller, and a larger one is refused with `TOO_LARGE`.
+pub const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024;
+
 // The async shell's queues and timeouts.
 
 /// Events (messages, datagrams, connection changes) queued for the relay's actor before the

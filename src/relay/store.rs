@@ -62,7 +62,7 @@ pub use crate::store::Durability;
 mod read;
 
 pub use read::RelayReader;
-use read::{device_logs, docs, fetch, groups, max_seq, usage};
+use read::{device_logs, docs, fetch, groups, max_seq, snapshot, usage};
 
 /// Name of the database file inside the relay's directory.
 pub const RELAY_DB_FILE: &str = "relay.sqlite3";
@@ -129,6 +129,17 @@ pub const MIGRATIONS: &[&str] = &[
          account INTEGER PRIMARY KEY REFERENCES accounts(id),
          bytes   INTEGER NOT NULL
      );",
+    // 1 -> 2: the latest snapshot of each document per account (the envelope is opaque; only
+    // its author's account is ever served it).
+    "CREATE TABLE snapshots (
+         id      INTEGER PRIMARY KEY,
+         doc     INTEGER NOT NULL REFERENCES docs(id),
+         account INTEGER NOT NULL REFERENCES accounts(id),
+         author  INTEGER NOT NULL REFERENCES devices(id),
+         covers  INTEGER NOT NULL,
+         data    BLOB NOT NULL
+     );
+     CREATE UNIQUE INDEX snapshots_by_doc ON snapshots (doc, account);",
 ];
 
 const INSERT_ACCOUNT: &str = "INSERT INTO accounts (key) VALUES (?1)";
@@ -140,6 +151,11 @@ const INSERT_ENVELOPE: &str =
      ON CONFLICT (doc, author, first_seq) DO NOTHING";
 const SELECT_BY_AUTHOR: &str =
     "SELECT seq, id FROM envelopes WHERE doc = ?1 AND author = ?2 AND first_seq = ?3";
+const PUT_SNAPSHOT: &str = "INSERT INTO snapshots (doc, account, author, covers, data)
+     VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT (doc, account) DO UPDATE
+     SET author = excluded.author, covers = excluded.covers, data = excluded.data
+     WHERE excluded.covers > snapshots.covers";
 const ADD_USAGE: &str = "INSERT INTO usage (account, bytes) VALUES (?1, ?2)
      ON CONFLICT (account) DO UPDATE SET bytes = bytes + excluded.bytes";
 
@@ -292,6 +308,30 @@ pub enum AppendOutcome {
     },
     /// The document was never created ([`RelayStore::create_doc`]); nothing was written.
     UnknownDoc,
+}
+
+/// A document snapshot to keep for the devices of one account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewSnapshot {
+    /// The document.
+    pub doc: DocId,
+    /// The account whose devices may be served it (the author's).
+    pub account: AccountId,
+    /// The device that sealed it.
+    pub author: DeviceId,
+    /// The relay sequence number up to which it holds every envelope of the document.
+    pub covers: u64,
+    /// The sealed snapshot envelope, opaque to the relay.
+    pub bytes: Vec<u8>,
+}
+
+/// A stored snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    /// The relay sequence number it covers.
+    pub covers: u64,
+    /// The sealed snapshot envelope.
+    pub bytes: Vec<u8>,
 }
 
 /// An account's device log: its encoded entries, in order.
@@ -678,6 +718,56 @@ impl RelayStore {
                 .insert(account, AccountEntry { row, log_len: 0 });
         }
         Ok(outcomes)
+    }
+
+    /// Keeps `snapshot` as the document's snapshot for its account, unless a snapshot that
+    /// covers as much or more is stored. Returns whether it was stored. One transaction,
+    /// durable when this returns.
+    pub fn put_snapshot(&mut self, snapshot: &NewSnapshot) -> Result<bool, RelayStoreError> {
+        let doc = self
+            .docs
+            .get(&snapshot.doc)
+            .ok_or(RelayStoreError::UnknownDoc { doc: snapshot.doc })?
+            .row;
+        let covers = i64::try_from(snapshot.covers).map_err(|_| RelayStoreError::Malformed {
+            what: "snapshot sequence number",
+        })?;
+        let known_device = self.devices.get(&snapshot.author).copied();
+        let known_account = self.accounts.get(&snapshot.account).map(|a| a.row);
+        let tx = self.begin()?;
+        let author = match known_device {
+            Some(row) => row,
+            None => insert_key(&tx, INSERT_DEVICE, snapshot.author.as_bytes())?,
+        };
+        let account = match known_account {
+            Some(row) => row,
+            None => insert_key(&tx, INSERT_ACCOUNT, snapshot.account.as_bytes())?,
+        };
+        let stored = tx.prepare_cached(PUT_SNAPSHOT)?.execute(params![
+            doc,
+            account,
+            author,
+            covers,
+            &snapshot.bytes
+        ])? == 1;
+        tx.commit()?;
+        self.devices.insert(snapshot.author, author);
+        self.accounts
+            .entry(snapshot.account)
+            .or_insert(AccountEntry {
+                row: account,
+                log_len: 0,
+            });
+        Ok(stored)
+    }
+
+    /// The snapshot of `doc` kept for `account`, if any.
+    pub fn snapshot(
+        &self,
+        doc: &DocId,
+        account: &AccountId,
+    ) -> Result<Option<StoredSnapshot>, RelayStoreError> {
+        snapshot(&self.conn, doc, account)
     }
 
     /// A document's envelopes after `after_seq`, in order: at most `max_items` (clamped to

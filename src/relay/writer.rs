@@ -53,7 +53,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::{AccountId, DocId};
-use crate::relay::store::{AppendOutcome, NewEnvelope, RelayStore, RelayStoreError};
+use crate::relay::store::{AppendOutcome, NewEnvelope, NewSnapshot, RelayStore, RelayStoreError};
 
 /// Requests the queue holds before submitters wait.
 pub const QUEUE_DEPTH: usize = 8_192;
@@ -109,6 +109,10 @@ enum OtherWrite {
         doc: DocId,
         group: DocId,
         reply: Reply<()>,
+    },
+    PutSnapshot {
+        snapshot: NewSnapshot,
+        reply: Reply<bool>,
     },
 }
 
@@ -237,6 +241,12 @@ impl RelayWriter {
             .await
     }
 
+    /// [`RelayStore::put_snapshot`], through the writer thread: whether it was stored.
+    pub async fn put_snapshot(&self, snapshot: NewSnapshot) -> Result<bool, WriterError> {
+        self.request(|reply| OtherWrite::PutSnapshot { snapshot, reply })
+            .await
+    }
+
     /// Stops the writer: requests queued before this call are carried out, later ones are
     /// refused with [`WriterError::Stopped`]. Returns once the store is closed.
     pub async fn shutdown(&self) -> Result<(), WriterError> {
@@ -259,7 +269,10 @@ impl RelayWriter {
         }
     }
 
-    async fn request(&self, make: impl FnOnce(Reply<()>) -> OtherWrite) -> Result<(), WriterError> {
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> OtherWrite,
+    ) -> Result<T, WriterError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Other(make(reply)))
@@ -351,7 +364,7 @@ fn run(mut store: RelayStore, mut rx: mpsc::Receiver<Request>, counters: &Counte
 }
 
 fn handle_other(store: &mut RelayStore, write: OtherWrite) {
-    fn answer(reply: Reply<()>, result: Result<(), RelayStoreError>) {
+    fn answer<T>(reply: Reply<T>, result: Result<T, RelayStoreError>) {
         let _ = reply.send(result.map_err(|e| WriterError::Store(Arc::new(e))));
     }
     match write {
@@ -372,6 +385,9 @@ fn handle_other(store: &mut RelayStore, write: OtherWrite) {
         } => answer(reply, store.put_group_update(&group, version, &update)),
         OtherWrite::CreateDoc { doc, group, reply } => {
             answer(reply, store.create_doc(&doc, &group));
+        }
+        OtherWrite::PutSnapshot { snapshot, reply } => {
+            answer(reply, store.put_snapshot(&snapshot));
         }
     }
 }

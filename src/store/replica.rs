@@ -765,6 +765,26 @@ impl StoredReplica {
         Ok(self.replica.changes_since(addr, have))
     }
 
+    /// A document's whole save (Automerge's compact format) and the number of remote changes
+    /// in it waiting for dependencies, loading it if needed; `None` if it is not held.
+    pub fn save_with_pending(&mut self, addr: &DocAddr) -> Result<Option<(Vec<u8>, usize)>> {
+        self.ensure_loaded(addr)?;
+        Ok(self
+            .replica
+            .synced_doc(addr)
+            .map(|d| (d.save(), d.pending_len())))
+    }
+
+    /// The number of remote changes of a document waiting for dependencies, loading it if
+    /// needed (0 if it is not held).
+    pub fn pending_len(&mut self, addr: &DocAddr) -> Result<usize> {
+        self.ensure_loaded(addr)?;
+        Ok(self
+            .replica
+            .synced_doc(addr)
+            .map_or(0, SyncedDoc::pending_len))
+    }
+
     fn ensure_loaded(&mut self, addr: &DocAddr) -> Result<()> {
         match addr {
             DocAddr::Meta(c) => {

@@ -113,7 +113,14 @@ pub struct Subscription {
     pub group: DocId,
     /// The device's cursor: it holds every envelope of `doc` up to this relay sequence number.
     pub after_seq: u64,
+    /// Whether the device would take a snapshot of `doc`: if the relay holds one made by a
+    /// device of the connection's account that covers more than `after_seq`, the catch-up
+    /// starts with it (a `Snapshot` message) and continues after the sequence number it covers.
+    pub snapshot: bool,
 }
+
+/// Size of one encoded [`Subscription`]: doc, group, cursor, snapshot flag.
+const SUBSCRIPTION_BYTES: usize = 32 + 32 + 8 + 1;
 
 /// One stored envelope as the relay sends it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -208,6 +215,18 @@ pub enum Message {
         /// Most envelopes wanted.
         limit: u32,
     },
+    /// Device → relay: keep this snapshot of a document for the devices of this connection's
+    /// account. The envelope is of kind `Snapshot`, and its header's `first_seq == last_seq` is
+    /// the relay sequence number up to which it holds every envelope of the document on this
+    /// relay (`covers`). Answered by `Done` once durable.
+    PutSnapshot {
+        /// Request id.
+        req: u32,
+        /// The document's group.
+        group: DocId,
+        /// The sealed snapshot.
+        envelope: SealedEnvelope,
+    },
     /// Inviting device → relay: forward pairing requests for this rendezvous to me.
     PairOffer {
         /// Request id.
@@ -274,6 +293,17 @@ pub enum Message {
         /// Whether more are stored after the last one.
         more: bool,
     },
+    /// Relay → device: in a subscription's catch-up, the snapshot a device of the connection's
+    /// account made of `doc`, sent before the document's envelopes after the sequence number it
+    /// covers (its header's `first_seq`).
+    Snapshot {
+        /// The subscription's request id.
+        req: u32,
+        /// The document.
+        doc: DocId,
+        /// The encoded sealed snapshot, decoded and checked by the device.
+        envelope: Vec<u8>,
+    },
     /// Relay → device: entries of a device log (an answer, or a push with req 0).
     LogEntries {
         /// Request id, or 0 for a push.
@@ -331,6 +361,7 @@ mod tag {
     pub const PAIR_OFFER: u8 = 0x18;
     pub const PAIR_JOIN: u8 = 0x19;
     pub const PAIR_ANSWER: u8 = 0x1a;
+    pub const PUT_SNAPSHOT: u8 = 0x1b;
     pub const HELLO_OK: u8 = 0x30;
     pub const DONE: u8 = 0x31;
     pub const ACK: u8 = 0x32;
@@ -340,6 +371,7 @@ mod tag {
     pub const PAIR_REQUESTED: u8 = 0x36;
     pub const PAIR_ANSWERED: u8 = 0x37;
     pub const ERROR: u8 = 0x38;
+    pub const SNAPSHOT: u8 = 0x39;
 }
 
 fn count(r: &mut Reader<'_>, field: &'static str, max: usize) -> Result<usize, MessageError> {
@@ -378,6 +410,8 @@ impl Message {
             | Message::PairOffer { req, .. }
             | Message::PairJoin { req, .. }
             | Message::PairAnswer { req, .. }
+            | Message::PutSnapshot { req, .. }
+            | Message::Snapshot { req, .. }
             | Message::HelloOk { req, .. }
             | Message::Done { req }
             | Message::Ack { req, .. }
@@ -446,7 +480,8 @@ impl Message {
                 for s in items {
                     w.put(s.doc.as_bytes())
                         .put(s.group.as_bytes())
-                        .u64(s.after_seq);
+                        .u64(s.after_seq)
+                        .u8(u8::from(s.snapshot));
                 }
             }
             Message::Append {
@@ -470,6 +505,22 @@ impl Message {
                     .put(doc.as_bytes())
                     .u64(*after_seq)
                     .u32(*limit);
+            }
+            Message::PutSnapshot {
+                req,
+                group,
+                envelope,
+            } => {
+                w.u8(tag::PUT_SNAPSHOT)
+                    .u32(*req)
+                    .put(group.as_bytes())
+                    .bytes_u32(&envelope.encode());
+            }
+            Message::Snapshot { req, doc, envelope } => {
+                w.u8(tag::SNAPSHOT)
+                    .u32(*req)
+                    .put(doc.as_bytes())
+                    .bytes_u32(envelope);
             }
             Message::PairOffer { req, rendezvous } => {
                 w.u8(tag::PAIR_OFFER).u32(*req).put(rendezvous);
@@ -591,11 +642,14 @@ impl Message {
 
     fn size_hint(&self) -> usize {
         match self {
-            Message::Append { envelope, .. } => 128 + envelope.ciphertext.len(),
+            Message::Append { envelope, .. } | Message::PutSnapshot { envelope, .. } => {
+                128 + envelope.ciphertext.len()
+            }
+            Message::Snapshot { envelope, .. } => 64 + envelope.len(),
             Message::Envelopes { items, .. } => {
                 64 + items.iter().map(|i| 20 + i.envelope.len()).sum::<usize>()
             }
-            Message::Subscribe { items, .. } => 16 + items.len() * 72,
+            Message::Subscribe { items, .. } => 16 + items.len() * SUBSCRIPTION_BYTES,
             _ => 256,
         }
     }
@@ -639,12 +693,13 @@ impl Message {
             tag::SUBSCRIBE => {
                 let req = request_id(&mut r)?;
                 let n = count(&mut r, "subscriptions", MAX_SUBSCRIPTIONS)?;
-                let mut items = Vec::with_capacity(n.min(r.remaining() / 72));
+                let mut items = Vec::with_capacity(n.min(r.remaining() / SUBSCRIPTION_BYTES));
                 for _ in 0..n {
                     items.push(Subscription {
                         doc: DocId::from_bytes(r.array()?),
                         group: DocId::from_bytes(r.array()?),
                         after_seq: r.u64()?,
+                        snapshot: r.flag("snapshot")?,
                     });
                 }
                 Message::Subscribe { req, items }
@@ -659,6 +714,16 @@ impl Message {
                 doc: DocId::from_bytes(r.array()?),
                 after_seq: r.u64()?,
                 limit: r.u32()?,
+            },
+            tag::PUT_SNAPSHOT => Message::PutSnapshot {
+                req: request_id(&mut r)?,
+                group: DocId::from_bytes(r.array()?),
+                envelope: SealedEnvelope::decode(r.bytes_u32("envelope", MAX_ENVELOPE_BYTES)?)?,
+            },
+            tag::SNAPSHOT => Message::Snapshot {
+                req: request_id(&mut r)?,
+                doc: DocId::from_bytes(r.array()?),
+                envelope: r.bytes_u32("envelope", MAX_ENVELOPE_BYTES)?.to_vec(),
             },
             tag::PAIR_OFFER => Message::PairOffer {
                 req: request_id(&mut r)?,

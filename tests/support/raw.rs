@@ -27,6 +27,11 @@ impl Client {
     pub async fn connect(relay: &PeerAddr, seed: u8) -> Client {
         let secret = DeviceSecret::generate(&mut SeedRng::from_seed([seed; 32]));
         let log = DeviceLog::create(&secret, "smoke", "test").unwrap();
+        Client::connect_as(relay, secret, log).await
+    }
+
+    /// Connects as an existing device of an existing account (whose log the relay holds).
+    pub async fn connect_as(relay: &PeerAddr, secret: DeviceSecret, log: DeviceLog) -> Client {
         let identity = Identity::from_device(&secret).unwrap();
         let endpoint = roamsync::net::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = roamsync::net::connect(&endpoint, &identity, relay)
@@ -87,6 +92,20 @@ impl Client {
             matches!(hello, Message::HelloOk { log_len: 1, .. }),
             "{hello:?}"
         );
+    }
+
+    /// Says hello for an account whose log the relay already holds.
+    pub async fn hello(&mut self, req: u32) {
+        let (account, log_len, log_head) = (self.account(), self.log.len() as u32, self.log.head());
+        let hello = self
+            .request(Message::Hello {
+                req,
+                account,
+                log_len,
+                log_head,
+            })
+            .await;
+        assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");
     }
 
     pub fn update(&self, version: u32, members: Vec<AccountId>) -> GroupUpdate {

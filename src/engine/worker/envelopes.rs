@@ -36,7 +36,7 @@ impl Worker {
             }
             let step = r
                 .session
-                .on_fetched(doc, items.last().map(|i| i.seq), more && is_fetch);
+                .on_fetched(doc, fetched_span(&items), more && is_fetch);
             // Only a fetch that reached the end clears a gap a push showed: a catch-up ending
             // says nothing of pushes dropped meanwhile (`end_catch_up` fetches for those).
             if !more && is_fetch {
@@ -118,7 +118,10 @@ impl Worker {
             let applied = self.replica.apply(now, batches);
             self.replica.defer_writes(false);
             match applied {
-                Ok(report) => self.after_apply(report),
+                Ok(report) => {
+                    self.watch_seeded(&report);
+                    self.after_apply(report)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "applying remote changes failed");
                     self.emit(Event::StorageError {
@@ -311,6 +314,11 @@ impl Worker {
         self.subscribe_everywhere(&new);
         Ok(())
     }
+}
+
+/// The first item's `prev` and the last item's sequence number of a fetch or catch-up answer.
+fn fetched_span(items: &[StoredEnvelope]) -> Option<(u64, u64)> {
+    Some((items.first()?.prev, items.last()?.seq))
 }
 
 /// Whether opening failed only for what this device does not know yet: the author's device

@@ -121,6 +121,11 @@ impl Worker {
     }
 
     pub(super) fn on_message(&mut self, relay: usize, msg: Message) -> Result<(), EngineError> {
+        if let Message::Snapshot { req, doc, envelope } = msg {
+            // Part of a catch-up: the subscription stays open until its `Done`.
+            self.on_snapshot(relay, req, doc, envelope);
+            return Ok(());
+        }
         let req = msg.req();
         let pending = if req == 0 {
             None
@@ -324,6 +329,9 @@ impl Worker {
                         doc: a.doc_id(),
                         group: group_of(a),
                         after_seq: r.session.cursor(&a.doc_id()),
+                        // A document held nowhere yet may start from a snapshot.
+                        snapshot: r.session.cursor(&a.doc_id()) == 0
+                            && !self.snapshots.no_snapshot.contains(&a.doc_id()),
                     })
                     .collect();
                 if items.is_empty() {
@@ -423,7 +431,16 @@ impl Worker {
                 log_head,
             });
         }
+        if let Some(Pending::PutSnapshot {
+            doc,
+            covers,
+            changes,
+        }) = pending
+        {
+            self.on_snapshot_answered(relay, doc, covers, changes, true);
+        }
         if let Some(Pending::Subscribe(docs)) = pending {
+            self.check_snapshot_catch_up(relay, &docs);
             let fetch = match self.relays.get_mut(relay) {
                 Some(r) => {
                     r.session.subscription_ended(req);
@@ -543,6 +560,11 @@ impl Worker {
                 self.send_subscriptions(relay);
                 self.update_live(relay);
             }
+            Some(Pending::PutSnapshot {
+                doc,
+                covers,
+                changes,
+            }) => self.on_snapshot_answered(relay, doc, covers, changes, false),
             _ => {}
         }
         self.emit(Event::RelayError { code, text });

@@ -14,13 +14,18 @@ use crate::wire::message::{
 };
 
 use super::{
-    ConnId, DocState, Output, PendingAppend, PersistOp, RelayCore, RequestError, StoreOutcome,
+    CatchUpItem, ConnId, DocState, Output, PendingAppend, PersistOp, RelayCore, RequestError,
+    StoreOutcome,
 };
 
 impl RelayCore {
     /// The group `doc` belongs to, or would be created under: `Ok(None)` if the document is new
     /// and may be created under `group`.
-    fn doc_group(&self, doc: &DocId, group: &DocId) -> Result<Option<DocState>, RequestError> {
+    pub(super) fn doc_group(
+        &self,
+        doc: &DocId,
+        group: &DocId,
+    ) -> Result<Option<DocState>, RequestError> {
         match self.docs.get(doc) {
             Some(state) if state.group != *group => Err(RequestError::DocInOtherGroup {
                 doc: *doc,
@@ -51,13 +56,15 @@ impl RelayCore {
         out: &mut Vec<Output>,
     ) -> Result<(), RequestError> {
         let (_, account) = self.authenticated(conn, "Subscribe")?;
-        // Each document once, with the smallest cursor asked for.
-        let mut wanted: BTreeMap<DocId, (DocId, u64)> = BTreeMap::new();
+        // Each document once, with the smallest cursor asked for; a snapshot if any item of it
+        // would take one.
+        let mut wanted: BTreeMap<DocId, (DocId, u64, bool)> = BTreeMap::new();
         for item in &items {
             self.check_member(&item.group, &account)?;
-            let (group, after_seq) = wanted
-                .entry(item.doc)
-                .or_insert((item.group, item.after_seq));
+            let (group, after_seq, snapshot) =
+                wanted
+                    .entry(item.doc)
+                    .or_insert((item.group, item.after_seq, item.snapshot));
             if *group != item.group {
                 return Err(RequestError::DocInOtherGroup {
                     doc: item.doc,
@@ -66,9 +73,10 @@ impl RelayCore {
                 });
             }
             *after_seq = (*after_seq).min(item.after_seq);
+            *snapshot |= item.snapshot;
         }
         let mut created = Vec::new();
-        for (doc, (group, _)) in &wanted {
+        for (doc, (group, _, _)) in &wanted {
             if self.doc_group(doc, group)?.is_none() {
                 created.push((*doc, *group));
             }
@@ -92,13 +100,20 @@ impl RelayCore {
             );
         }
         let mut catch_up = Vec::new();
-        for (doc, (_, after_seq)) in &wanted {
+        for (doc, (_, after_seq, snapshot)) in &wanted {
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.subs.insert(*doc);
             }
             self.subscribers.entry(*doc).or_default().insert(conn);
+            // A snapshot covers at most the document's last envelope, so a document with
+            // nothing past the cursor has no snapshot to send either.
             if self.docs.get(doc).is_some_and(|s| s.last_seq > *after_seq) {
-                catch_up.push((*doc, *after_seq));
+                catch_up.push(CatchUpItem {
+                    doc: *doc,
+                    after_seq: *after_seq,
+                    // Only the account's own snapshot is ever served to it.
+                    snapshot_for: snapshot.then_some(account),
+                });
             }
         }
         let answer = if catch_up.is_empty() {
@@ -142,8 +157,10 @@ impl RelayCore {
                 device,
             });
         }
-        if header.kind == EnvelopeKind::Ephemeral {
-            return Err(RequestError::EphemeralAppend);
+        match header.kind {
+            EnvelopeKind::Changes => {}
+            EnvelopeKind::Ephemeral => return Err(RequestError::EphemeralAppend),
+            _ => return Err(RequestError::SnapshotAppend),
         }
         self.check_member(&group, &account)?;
         let doc = header.doc;

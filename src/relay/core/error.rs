@@ -104,6 +104,47 @@ pub enum RequestError {
     /// Ephemeral envelopes are not stored.
     #[error("ephemeral envelopes are not stored; send them as datagrams")]
     EphemeralAppend,
+    /// Snapshots are not part of the envelope log.
+    #[error("snapshot envelopes are not appended; send them with PutSnapshot")]
+    SnapshotAppend,
+    /// A `PutSnapshot` whose envelope is not of kind `Snapshot`.
+    #[error("PutSnapshot needs an envelope of kind Snapshot")]
+    NotASnapshot,
+    /// A snapshot's header must name one sequence number: what it covers.
+    #[error("a snapshot's first_seq ({first}) and last_seq ({last}) must both be what it covers")]
+    SnapshotRange {
+        /// The header's `first_seq`.
+        first: u64,
+        /// The header's `last_seq`.
+        last: u64,
+    },
+    /// A snapshot of a document the relay holds no envelope of up to what it claims to cover.
+    #[error(
+        "a snapshot of document {doc} covering sequence number {covers}, but this relay's \
+         last envelope of it is {last_seq}"
+    )]
+    SnapshotAhead {
+        /// The document.
+        doc: DocId,
+        /// What the snapshot claims to cover.
+        covers: u64,
+        /// The document's last sequence number on this relay.
+        last_seq: u64,
+    },
+    /// A snapshot of a document the relay does not know.
+    #[error("no document {doc} on this relay to keep a snapshot of")]
+    SnapshotOfUnknownDoc {
+        /// The document.
+        doc: DocId,
+    },
+    /// A snapshot over the size limit.
+    #[error("a snapshot of {len} bytes; at most {max} are kept")]
+    SnapshotTooLarge {
+        /// Its encoded length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The document belongs to another group.
     #[error("document {doc} belongs to group {group}, not {requested}")]
     DocInOtherGroup {
@@ -224,7 +265,9 @@ impl RequestError {
             RequestError::RateLimited { .. }
             | RequestError::AppendsInFlight { .. }
             | RequestError::TooManyOffers { .. } => ErrorCode::RATE_LIMITED,
-            RequestError::TooManySubscriptions { .. } => ErrorCode::TOO_LARGE,
+            RequestError::TooManySubscriptions { .. } | RequestError::SnapshotTooLarge { .. } => {
+                ErrorCode::TOO_LARGE
+            }
             RequestError::StoreFailed { .. } => ErrorCode::INTERNAL,
             RequestError::NotARequest { .. } => ErrorCode::MALFORMED,
             RequestError::AccountMismatch { .. }
@@ -234,6 +277,11 @@ impl RequestError {
             | RequestError::Log { .. }
             | RequestError::Group(_)
             | RequestError::EphemeralAppend
+            | RequestError::SnapshotAppend
+            | RequestError::NotASnapshot
+            | RequestError::SnapshotRange { .. }
+            | RequestError::SnapshotAhead { .. }
+            | RequestError::SnapshotOfUnknownDoc { .. }
             | RequestError::DocInOtherGroup { .. }
             | RequestError::RequestInFlight { .. }
             | RequestError::Equivocation { .. }

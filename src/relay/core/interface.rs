@@ -2,7 +2,7 @@
 
 use crate::crypto::envelope::EnvelopeId;
 use crate::ids::{AccountId, DeviceId, DocId};
-use crate::relay::store::NewEnvelope;
+use crate::relay::store::{NewEnvelope, NewSnapshot};
 use crate::wire::frame::ErrorCode;
 use crate::wire::message::Message;
 
@@ -109,6 +109,25 @@ pub enum PersistOp {
         /// `(doc, group)` pairs.
         docs: Vec<(DocId, DocId)>,
     },
+    /// Keep a document's snapshot for an account, unless one covering as much or more is
+    /// stored.
+    PutSnapshot {
+        /// The snapshot.
+        snapshot: NewSnapshot,
+    },
+}
+
+/// One document of a subscription's catch-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CatchUpItem {
+    /// The document.
+    pub doc: DocId,
+    /// The device's cursor.
+    pub after_seq: u64,
+    /// If set, the device would take a snapshot: when the store holds one of `doc` for this
+    /// account covering more than `after_seq`, send it first (`Snapshot { req, .. }`) and the
+    /// envelopes after what it covers.
+    pub snapshot_for: Option<AccountId>,
 }
 
 /// Something for the shell to do.
@@ -157,7 +176,9 @@ pub enum Output {
         /// The envelope.
         envelope: NewEnvelope,
     },
-    /// Send everything stored after each cursor as `Envelopes { req, .. }` messages of at most
+    /// For each item, the account's snapshot if it asks for one and one covers more than the
+    /// cursor (see [`CatchUpItem`]); then everything stored after the cursor (or after what
+    /// the snapshot covers) as `Envelopes { req, .. }` messages of at most
     /// [`TARGET_ENVELOPES_BYTES`](crate::wire::message::TARGET_ENVELOPES_BYTES) of envelopes
     /// (a larger single envelope goes alone), `more` telling whether more of that document
     /// follow in this catch-up; then `Done { req }`.
@@ -166,8 +187,8 @@ pub enum Output {
         conn: ConnId,
         /// The request id.
         req: u32,
-        /// `(doc, after_seq)` pairs, each document once.
-        items: Vec<(DocId, u64)>,
+        /// The documents, each once.
+        items: Vec<CatchUpItem>,
     },
     /// Answer with one `Envelopes { req, .. }` message: at most `limit` envelopes of `doc` after
     /// `after_seq`, and at most `TARGET_ENVELOPES_BYTES` of them (a larger single envelope is

@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc;
 
 use super::conn::ConnTx;
+use crate::ids::AccountId;
 use crate::ids::DocId;
-use crate::relay::core::{ConnId, Output, PersistOp, StoreOutcome};
+use crate::relay::core::{CatchUpItem, ConnId, Output, PersistOp, StoreOutcome};
 use crate::relay::store::{
     AppendOutcome, Fetched, MAX_FETCH_ITEMS, NewEnvelope, RelayReader, RelayStoreError,
+    StoredSnapshot,
 };
 use crate::relay::writer::{PendingAppend, RelayWriter, WriterError};
 use crate::wire::frame::ErrorCode;
@@ -103,6 +105,8 @@ async fn persist(writer: &RelayWriter, op: PersistOp) -> Result<(), WriterError>
             }
             Ok(())
         }
+        // Whether it replaced the stored one or not, the request is done.
+        PersistOp::PutSnapshot { snapshot } => writer.put_snapshot(snapshot).await.map(|_| ()),
     }
 }
 
@@ -155,15 +159,13 @@ impl ReaderPool {
         }
     }
 
-    /// Envelopes of `doc` after `after_seq` (an unknown document has none).
-    async fn fetch(
+    /// Runs `read` on one of the reader connections, on a blocking thread.
+    async fn read<T: Send + 'static>(
         self: &Arc<Self>,
-        doc: DocId,
-        after_seq: u64,
-        max_items: usize,
-    ) -> Result<Fetched, String> {
+        read: impl FnOnce(&RelayReader) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
         let pool = Arc::clone(self);
-        let read = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.readers.len().max(1);
             let reader = pool
                 .readers
@@ -172,14 +174,37 @@ impl ReaderPool {
                 .lock()
                 // A panic while reading leaves the connection as usable as before.
                 .unwrap_or_else(PoisonError::into_inner);
+            read(&reader)
+        });
+        task.await.map_err(|e| e.to_string())?
+    }
+
+    /// The snapshot of `doc` kept for `account`, if any.
+    async fn snapshot(
+        self: &Arc<Self>,
+        doc: DocId,
+        account: AccountId,
+    ) -> Result<Option<StoredSnapshot>, String> {
+        self.read(move |reader| reader.snapshot(&doc, &account).map_err(|e| e.to_string()))
+            .await
+    }
+
+    /// Envelopes of `doc` after `after_seq` (an unknown document has none).
+    async fn fetch(
+        self: &Arc<Self>,
+        doc: DocId,
+        after_seq: u64,
+        max_items: usize,
+    ) -> Result<Fetched, String> {
+        self.read(move |reader| {
             match reader.fetch(&doc, after_seq, max_items, TARGET_ENVELOPES_BYTES) {
                 Ok(f) => Ok(f),
                 // Created in the core but not committed yet: nothing stored.
                 Err(RelayStoreError::UnknownDoc { .. }) => Ok(Fetched::default()),
                 Err(e) => Err(e.to_string()),
             }
-        });
-        read.await.map_err(|e| e.to_string())?
+        })
+        .await
     }
 }
 
@@ -239,16 +264,38 @@ pub(super) async fn fetch(
     tx.answer(answer);
 }
 
-/// Answers a subscription's catch-up: every envelope after each cursor, in messages of about
-/// `TARGET_ENVELOPES_BYTES`, waiting for the connection to take them; then `Done`.
+/// Answers a subscription's catch-up: for each document, the account's snapshot if one was
+/// asked for and covers more than the cursor, then every envelope after the cursor (or after
+/// what the snapshot covers), in messages of about `TARGET_ENVELOPES_BYTES`, waiting for the
+/// connection to take them; then `Done`.
 pub(super) async fn catch_up(
     readers: Arc<ReaderPool>,
     tx: ConnTx,
     req: u32,
-    items: Vec<(DocId, u64)>,
+    items: Vec<CatchUpItem>,
 ) {
-    for (doc, after_seq) in items {
-        let mut cursor = after_seq;
+    for item in items {
+        let doc = item.doc;
+        let mut cursor = item.after_seq;
+        if let Some(account) = item.snapshot_for {
+            tx.wait_for_room().await;
+            match readers.snapshot(doc, account).await {
+                Ok(Some(snapshot)) if snapshot.covers > cursor => {
+                    cursor = snapshot.covers;
+                    let msg = Message::Snapshot {
+                        req,
+                        doc,
+                        envelope: snapshot.bytes,
+                    };
+                    if !tx.answer(msg) {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                // Without its snapshot the device still gets every envelope.
+                Err(e) => tracing::warn!(%doc, error = %e, "reading a snapshot failed"),
+            }
+        }
         loop {
             tx.wait_for_room().await;
             match readers.fetch(doc, cursor, READ_ITEMS).await {

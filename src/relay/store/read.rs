@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     DeviceLogRow, DocRow, Fetched, GroupRow, MAX_FETCH_ITEMS, RELAY_DB_FILE, RelayStoreError,
-    SCHEMA_VERSION, connect, key32, seq_u64, user_version,
+    SCHEMA_VERSION, StoredSnapshot, connect, key32, seq_u64, user_version,
 };
 use crate::ids::{AccountId, DocId};
 
@@ -63,6 +63,15 @@ impl RelayReader {
             .optional()?;
         let row = row.ok_or(RelayStoreError::UnknownDoc { doc: *doc })?;
         fetch(&self.conn, row, after_seq, max_items, max_bytes)
+    }
+
+    /// See [`RelayStore::snapshot`](super::RelayStore::snapshot).
+    pub fn snapshot(
+        &self,
+        doc: &DocId,
+        account: &AccountId,
+    ) -> Result<Option<StoredSnapshot>, RelayStoreError> {
+        snapshot(&self.conn, doc, account)
     }
 
     /// See [`RelayStore::device_logs`](super::RelayStore::device_logs).
@@ -131,6 +140,31 @@ pub(super) fn fetch(
         out.items.push((seq, data.to_vec()));
     }
     Ok(out)
+}
+
+pub(super) fn snapshot(
+    conn: &Connection,
+    doc: &DocId,
+    account: &AccountId,
+) -> Result<Option<StoredSnapshot>, RelayStoreError> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT snapshots.covers, snapshots.data FROM snapshots
+             JOIN docs ON docs.id = snapshots.doc
+             JOIN accounts ON accounts.id = snapshots.account
+             WHERE docs.key = ?1 AND accounts.key = ?2",
+        )?
+        .query_row(params![&doc.as_bytes()[..], &account.as_bytes()[..]], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    row.map(|(covers, bytes)| {
+        Ok(StoredSnapshot {
+            covers: seq_u64(covers)?,
+            bytes,
+        })
+    })
+    .transpose()
 }
 
 pub(super) fn device_logs(conn: &Connection) -> Result<Vec<DeviceLogRow>, RelayStoreError> {

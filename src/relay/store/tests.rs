@@ -493,10 +493,12 @@ fn metadata_columns_hold_only_integers_and_ids() {
     let mut store = store_with(dir.path(), 3, 300);
     store.append_log_entries(&ALICE, 0, &[vec![7; 40]]).unwrap();
     store.put_group_update(&GROUP, 0, &[8; 50]).unwrap();
+    assert!(store.put_snapshot(&new_snapshot(ALICE, 3, 400)).unwrap());
     let opaque = [
         ("log_entries", "data"),
         ("group_updates", "data"),
         ("envelopes", "data"),
+        ("snapshots", "data"),
     ];
     let tables: Vec<String> = store
         .conn
@@ -506,7 +508,7 @@ fn metadata_columns_hold_only_integers_and_ids() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert!(tables.len() >= 8, "{tables:?}");
+    assert!(tables.len() >= 9, "{tables:?}");
     let mut checked = 0;
     for table in &tables {
         let columns: Vec<String> = store
@@ -540,4 +542,69 @@ fn metadata_columns_hold_only_integers_and_ids() {
         }
     }
     assert!(checked > 20, "only {checked} values checked");
+}
+
+fn new_snapshot(account: AccountId, covers: u64, len: usize) -> NewSnapshot {
+    NewSnapshot {
+        doc: DOC,
+        account,
+        author: PHONE,
+        covers,
+        bytes: vec![covers as u8; len],
+    }
+}
+
+#[test]
+fn the_latest_snapshot_per_document_and_account_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_with(dir.path(), 9, 10);
+    assert_eq!(store.snapshot(&DOC, &ALICE).unwrap(), None);
+    assert!(store.put_snapshot(&new_snapshot(ALICE, 5, 100)).unwrap());
+    // Covering less or as much: kept out.
+    assert!(!store.put_snapshot(&new_snapshot(ALICE, 4, 100)).unwrap());
+    assert!(!store.put_snapshot(&new_snapshot(ALICE, 5, 90)).unwrap());
+    let kept = store.snapshot(&DOC, &ALICE).unwrap().unwrap();
+    assert_eq!((kept.covers, kept.bytes.len()), (5, 100));
+    // Each account has its own.
+    assert!(store.put_snapshot(&new_snapshot(BOB, 2, 30)).unwrap());
+    assert!(store.put_snapshot(&new_snapshot(ALICE, 9, 120)).unwrap());
+    let reader = RelayReader::open(dir.path()).unwrap();
+    let alice = reader.snapshot(&DOC, &ALICE).unwrap().unwrap();
+    assert_eq!((alice.covers, alice.bytes), (9, vec![9; 120]));
+    assert_eq!(reader.snapshot(&DOC, &BOB).unwrap().unwrap().covers, 2);
+    assert_eq!(reader.snapshot(&DOC_2, &ALICE).unwrap(), None);
+    // A document never created has no snapshot to keep.
+    let mut other = new_snapshot(ALICE, 1, 10);
+    other.doc = DOC_2;
+    assert!(matches!(
+        store.put_snapshot(&other),
+        Err(RelayStoreError::UnknownDoc { .. })
+    ));
+    // Durable across a reopen.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.snapshot(&DOC, &ALICE).unwrap().unwrap().covers, 9);
+}
+
+#[test]
+fn a_version_1_store_gains_the_snapshot_table() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut conn = connect(&dir.path().join(RELAY_DB_FILE), true).unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch(MIGRATIONS[0]).unwrap();
+        tx.pragma_update(None, "user_version", 1).unwrap();
+        tx.commit().unwrap();
+    }
+    assert!(matches!(
+        RelayReader::open(dir.path()),
+        Err(RelayStoreError::SchemaTooOld { found: 1, .. })
+    ));
+    let mut store = open(dir.path());
+    assert_eq!(user_version(&store.conn).unwrap(), SCHEMA_VERSION);
+    store.create_doc(&DOC, &GROUP).unwrap();
+    store
+        .append_batch(&[envelope(DOC, PHONE, ALICE, 1, 10)])
+        .unwrap();
+    assert!(store.put_snapshot(&new_snapshot(ALICE, 1, 10)).unwrap());
 }

@@ -216,3 +216,38 @@ fn a_blocking_caller_can_append() {
     drop(writer);
     thread.join().unwrap();
 }
+
+#[test]
+fn snapshots_are_written_in_queue_order_and_kept_only_when_they_cover_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, thread) = spawn(dir.path());
+    let snapshot = |covers: u64| NewSnapshot {
+        doc: DOC,
+        account: ALICE,
+        author: DeviceId::from_bytes([1; 32]),
+        covers,
+        bytes: vec![covers as u8; 40],
+    };
+    runtime().block_on(async {
+        writer.create_doc(DOC, GROUP).await.unwrap();
+        // Queued behind the append it covers.
+        let pending = writer.submit(envelope(DOC, 1, 1)).await.unwrap();
+        assert!(writer.put_snapshot(snapshot(1)).await.unwrap());
+        assert_eq!(
+            pending.outcome().await.unwrap(),
+            AppendOutcome::Stored { seq: 1 }
+        );
+        assert!(!writer.put_snapshot(snapshot(1)).await.unwrap());
+        // A document never created is an error, not a panic.
+        let mut unknown = snapshot(2);
+        unknown.doc = DocId::from_bytes([0xee; 32]);
+        assert!(matches!(
+            writer.put_snapshot(unknown).await,
+            Err(WriterError::Store(_))
+        ));
+        writer.shutdown().await.unwrap();
+    });
+    thread.join().unwrap();
+    let reader = RelayReader::open(dir.path()).unwrap();
+    assert_eq!(reader.snapshot(&DOC, &ALICE).unwrap().unwrap().covers, 1);
+}

@@ -29,6 +29,14 @@ fn build_samples() -> Vec<Message> {
         last_seq: 3,
     };
     let env = SealedEnvelope::seal(&a, &DocKey::from_bytes([9; 32]), header, b"changes").unwrap();
+    let snapshot_header = EnvelopeHeader {
+        kind: EnvelopeKind::Snapshot,
+        first_seq: 41,
+        last_seq: 41,
+        ..header
+    };
+    let snapshot =
+        SealedEnvelope::seal(&a, &DocKey::from_bytes([9; 32]), snapshot_header, b"save").unwrap();
     let addr = DocAddr::Meta(ConversationId::from_bytes([6; 16]));
     let mut ring = Keyring::default();
     let (epoch, wrapped) = ring.rotate(addr.doc_id(), &[a.public()], &mut rng).unwrap();
@@ -81,11 +89,13 @@ fn build_samples() -> Vec<Message> {
                     doc,
                     group: addr.doc_id(),
                     after_seq: 0,
+                    snapshot: false,
                 },
                 Subscription {
                     doc: addr.doc_id(),
                     group: addr.doc_id(),
                     after_seq: u64::MAX,
+                    snapshot: true,
                 },
             ],
         },
@@ -93,6 +103,16 @@ fn build_samples() -> Vec<Message> {
             req: 7,
             group: addr.doc_id(),
             envelope: env.clone(),
+        },
+        Message::PutSnapshot {
+            req: 12,
+            group: addr.doc_id(),
+            envelope: snapshot.clone(),
+        },
+        Message::Snapshot {
+            req: 6,
+            doc,
+            envelope: snapshot.encode(),
         },
         Message::Fetch {
             req: 8,
@@ -220,6 +240,31 @@ fn request_ids_and_lists_are_checked() {
 }
 
 #[test]
+fn the_snapshot_flag_has_one_encoding() {
+    let msg = Message::Subscribe {
+        req: 3,
+        items: vec![Subscription {
+            doc: DocId::from_bytes([1; 32]),
+            group: DocId::from_bytes([2; 32]),
+            after_seq: 7,
+            snapshot: true,
+        }],
+    };
+    let mut bytes = msg.encode();
+    assert_eq!(bytes.len(), 1 + 4 + 4 + SUBSCRIPTION_BYTES);
+    let last = bytes.len() - 1;
+    assert_eq!(bytes[last], 1);
+    bytes[last] = 2;
+    assert_eq!(
+        Message::decode(&bytes),
+        Err(MessageError::Codec(CodecError::InvalidFlag {
+            field: "snapshot",
+            value: 2
+        }))
+    );
+}
+
+#[test]
 fn datagrams_round_trip() {
     let Message::Append {
         group, envelope, ..
@@ -237,7 +282,7 @@ fn datagrams_round_trip() {
 
 proptest! {
     #[test]
-    fn mutated_messages_never_panic(idx in 0usize..20, pos in any::<usize>(), byte in any::<u8>()) {
+    fn mutated_messages_never_panic(idx in 0usize..22, pos in any::<usize>(), byte in any::<u8>()) {
         let mut bytes = samples()[idx].encode();
         let p = pos % bytes.len();
         bytes[p] = byte;

@@ -4,16 +4,16 @@ use super::*;
 use crate::wire::message::{StoredEnvelope, encode_datagram};
 
 /// Alice and Bob in group 1, Carol outside it; one connection each.
-struct Chat {
-    fx: Fx,
-    alice: Account,
-    bob: Account,
-    a: ConnId,
-    b: ConnId,
-    c: ConnId,
+pub(super) struct Chat {
+    pub fx: Fx,
+    pub alice: Account,
+    pub bob: Account,
+    pub a: ConnId,
+    pub b: ConnId,
+    pub c: ConnId,
 }
 
-fn chat() -> Chat {
+pub(super) fn chat() -> Chat {
     chat_with(RelayLimits::default())
 }
 
@@ -70,7 +70,11 @@ fn subscribe_creates_documents_and_catches_up() {
         vec![Output::CatchUp {
             conn: t.a,
             req: t.fx.next_req,
-            items: vec![(doc, 0)],
+            items: vec![CatchUpItem {
+                doc,
+                after_seq: 0,
+                snapshot_for: None,
+            }],
         }]
     );
     // Up to date: just Done.
@@ -96,11 +100,13 @@ fn subscribe_is_all_or_nothing() {
             doc: doc_id(5),
             group: group_id(1),
             after_seq: 0,
+            snapshot: false,
         },
         Subscription {
             doc: doc_id(6),
             group: carol_group,
             after_seq: 0,
+            snapshot: false,
         },
     ];
     let persisted = t.fx.persisted.len();
@@ -122,11 +128,13 @@ fn subscribe_is_all_or_nothing() {
             doc: doc_id(7),
             group: group_id(1),
             after_seq: 0,
+            snapshot: false,
         },
         Subscription {
             doc: doc_id(7),
             group: group_id(3),
             after_seq: 0,
+            snapshot: false,
         },
     ];
     let out = t.fx.msg(t.a, Message::Subscribe { req: 2, items });
@@ -241,7 +249,7 @@ fn append_to_a_new_document_creates_it_first() {
             msg: Message::Append {
                 req,
                 group: group_id(1),
-                envelope: envelope(&t.alice.devices[0], doc, EnvelopeKind::Snapshot, 1),
+                envelope: envelope(&t.alice.devices[0], doc, EnvelopeKind::Changes, 1),
             },
         },
         t.fx.now_ms,

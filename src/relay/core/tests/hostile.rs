@@ -227,6 +227,7 @@ fn alphabet() -> Alphabet {
                 doc: doc_id(5 + i as u8 % 2),
                 group: group_id(1),
                 after_seq: 0,
+                snapshot: false,
             }],
         });
     }
@@ -440,6 +441,7 @@ fn load_restores_what_was_persisted() {
                     .docs
                     .extend(docs.iter().map(|(doc, group)| (*doc, *group, 12)));
             }
+            PersistOp::PutSnapshot { .. } => {}
         }
     }
     snapshot.logs = logs.into_iter().collect();
@@ -459,7 +461,9 @@ fn load_restores_what_was_persisted() {
         other => panic!("{other:?}"),
     }
     let out = fx2.subscribe(laptop, doc_id(5), group_id(1), 3);
-    assert!(matches!(&out[..], [Output::CatchUp { items, .. }] if *items == vec![(doc_id(5), 3)]));
+    assert!(
+        matches!(&out[..], [Output::CatchUp { items, .. }] if *items == vec![CatchUpItem { doc: doc_id(5), after_seq: 3, snapshot_for: None }])
+    );
     let b2 = fx2.connect(&bob.devices[0]);
     fx2.hello(b2, bob.id());
     let out = fx2.subscribe(b2, doc_id(5), group_id(1), 0);

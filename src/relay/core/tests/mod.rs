@@ -16,6 +16,7 @@ mod accounts;
 mod docs;
 mod hostile;
 mod pairing;
+mod snapshots;
 
 /// A device and the log of its account.
 pub(super) struct Account {
@@ -241,6 +242,7 @@ impl Fx {
                     doc,
                     group,
                     after_seq: after,
+                    snapshot: false,
                 }],
             },
         )
