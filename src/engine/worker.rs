@@ -5,6 +5,7 @@
 //! what the sessions need through each connection's queue.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -15,6 +16,7 @@ use crate::crypto::identity::{DevicePublic, DeviceSecret};
 use crate::crypto::keys::{DocKey, KeyEpoch, KeySource, Keyring};
 use crate::crypto::pairing::PairingInvite;
 use crate::crypto::rng::SeedRng;
+use crate::engine::conn::Traffic;
 use crate::engine::session::{CursorStep, FETCH_LIMIT, Pending, Session};
 use crate::engine::state::{self, Group};
 use crate::engine::{ConnectionState, EngineError, Event, RelayStatus, SyncStatus, now_ms};
@@ -123,6 +125,8 @@ struct Relay {
     state: ConnectionState,
     /// When the relay last sent anything.
     heard_ms: u64,
+    /// Bytes moved, counted by the connection task.
+    traffic: Arc<Traffic>,
 }
 
 /// An envelope waiting for a relay's acknowledgement.
@@ -313,6 +317,7 @@ impl Worker {
                 out: None,
                 state: ConnectionState::Connecting,
                 heard_ms: 0,
+                traffic: Arc::default(),
             });
         }
         // Changes made before a crash between storing them and sealing them are sealed now.
@@ -463,6 +468,12 @@ impl Worker {
 
     // ---- status ------------------------------------------------------------------------------
 
+    /// The byte counters of each relay, in the order of the configuration, for its connection
+    /// task.
+    pub(crate) fn relay_traffic(&self) -> Vec<Arc<Traffic>> {
+        self.relays.iter().map(|r| r.traffic.clone()).collect()
+    }
+
     pub(crate) fn status(&self) -> SyncStatus {
         SyncStatus {
             relays: self
@@ -471,6 +482,8 @@ impl Worker {
                 .map(|r| RelayStatus {
                     relay: r.addr.to_string(),
                     state: r.state,
+                    bytes_received: r.traffic.received(),
+                    bytes_sent: r.traffic.sent(),
                 })
                 .collect(),
             pending_uploads: self.outbox.len(),
