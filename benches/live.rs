@@ -10,6 +10,9 @@
 //! a 50 k-message document, for `LIVE_SECONDS` (default 5) seconds each.
 //! `cargo bench --bench live -- --test` runs one tiny case as a smoke test.
 
+#[path = "support/samod_net.rs"]
+mod samod_net;
+
 #[path = "support/samod_live.rs"]
 mod samod_live;
 

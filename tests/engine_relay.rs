@@ -87,6 +87,45 @@ async fn live_delivery_reaches_every_device_of_both_accounts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_status_counts_the_bytes_each_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let a = account(dir.path(), "a", &addr).await;
+    let b = account(dir.path(), "b", &addr).await;
+    let chat = a.create_conversation("c", &[b.account()]).await.unwrap();
+    until_listed(&b, &chat).await;
+    async fn traffic(e: &Engine) -> (u64, u64) {
+        let s = e.sync_status().await.unwrap();
+        (s.relays[0].bytes_sent, s.relays[0].bytes_received)
+    }
+    let (a_sent, a_received) = traffic(&a).await;
+    let (b_sent, b_received) = traffic(&b).await;
+    assert!(a_sent > 0 && a_received > 0 && b_sent > 0 && b_received > 0);
+    // 20,000 hex digits: at least 10,000 bytes even if the change is compressed.
+    let text: String = (0..625u32)
+        .map(|i| blake3::hash(&i.to_le_bytes()).to_hex().to_string())
+        .collect::<String>()[..20_000]
+        .to_owned();
+    a.send(&chat, &text).await.unwrap();
+    until_uploaded(&a).await;
+    until_history(&b, &chat, 1).await;
+    let (a_sent_after, _) = traffic(&a).await;
+    let (_, b_received_after) = traffic(&b).await;
+    assert!(
+        a_sent_after - a_sent >= 10_000,
+        "{a_sent} -> {a_sent_after}"
+    );
+    assert!(
+        b_received_after - b_received >= 10_000,
+        "{b_received} -> {b_received_after}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_catches_up_on_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let relay = relay(dir.path()).await;

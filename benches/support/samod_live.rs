@@ -1,13 +1,9 @@
 //! The samod side of the live-sync latency benchmark: samod (the Rust automerge-repo) under the
 //! same workload as ours, so the two can be compared in one run on one machine.
 //!
-//! Everything runs in one process on a multi-threaded Tokio runtime created for the run:
-//! - a sync server: a `samod::Repo` with an acceptor fed by a `TcpListener` on 127.0.0.1;
-//! - devices A and B: two more repos, each dialing the server over loopback TCP (samod's
-//!   length-delimited framing, `TCP_NODELAY` on both ends so Nagle's algorithm adds no delay);
-//! - one document shared by both, laid out like our segment documents: one map per message at the
-//!   root, under a key of 32 hex digits (hybrid-logical-clock timestamp, then device prefix), so
-//!   that key order is conversation order. A message is `{id, author, body, ts}`.
+//! Everything runs in one process on a multi-threaded Tokio runtime created for the run: a sync
+//! server and devices A and B dialing it over loopback TCP (see `samod_net.rs`), and one document
+//! shared by both, laid out like our segment documents.
 //!
 //! A creates the document with `history` messages (one change each, as if sent one by one), the
 //! server receives it, then B finds it and syncs it completely before anything is measured. A's
@@ -22,17 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use automerge::transaction::Transactable;
-use automerge::{Automerge, AutomergeError, ObjType, ROOT, ReadDoc};
-use futures::future::BoxFuture;
+use automerge::{Automerge, ROOT, ReadDoc};
 use futures::{FutureExt, StreamExt};
-use samod::{BackoffConfig, DialError, Repo, Transport, Url};
-use tokio::net::{TcpListener, TcpStream};
+
+use crate::samod_net::{SyncServer, body, connect_device, message_key, put_message, step};
 
 /// How long B may take to receive every message after the last one is sent.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on each setup step (connecting, creating and syncing the initial document).
-const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Device prefixes (the second half of a message key).
 const DEVICE_A: u64 = 0xa1a1_a1a1_a1a1_a1a1;
 const DEVICE_B: u64 = 0xb0b0_b0b0_b0b0_b0b0;
@@ -127,93 +119,6 @@ pub fn run_samod_live(cfg: &LiveConfig) -> LiveResult {
     result
 }
 
-/// Dials the server over loopback TCP with Nagle's algorithm off, in samod's TCP framing.
-struct LoopbackDialer {
-    addr: std::net::SocketAddr,
-}
-
-impl samod::Dialer for LoopbackDialer {
-    type Error = std::convert::Infallible;
-
-    fn url(&self) -> Url {
-        Url::parse(&format!("tcp://{}", self.addr)).expect("loopback url")
-    }
-
-    fn connect(&self) -> BoxFuture<'static, Result<Transport, DialError<Self::Error>>> {
-        let addr = self.addr;
-        async move {
-            let stream = TcpStream::connect(addr)
-                .await
-                .map_err(DialError::transient)?;
-            stream.set_nodelay(true).map_err(DialError::transient)?;
-            Ok(Transport::from_tokio_io(stream))
-        }
-        .boxed()
-    }
-}
-
-/// A device: its repo and its connection to the server.
-struct Device {
-    repo: Repo,
-    connection: samod::ConnectionId,
-}
-
-async fn connect_device(addr: std::net::SocketAddr) -> Device {
-    let repo = Repo::build_tokio().load().await;
-    let dialer = repo
-        .dial(BackoffConfig::default(), Arc::new(LoopbackDialer { addr }))
-        .expect("repo running");
-    step("connect", dialer.established())
-        .await
-        .expect("connected to the server");
-    let connection = dialer.connection_id().expect("connected");
-    Device { repo, connection }
-}
-
-async fn step<F: Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(SETUP_TIMEOUT, f)
-        .await
-        .unwrap_or_else(|_| panic!("samod setup step `{what}` timed out"))
-}
-
-/// A message key: HLC (milliseconds << 16 | counter) and device prefix, as 32 hex digits.
-fn message_key(hlc: u64, device: u64) -> String {
-    format!("{hlc:016x}{device:016x}")
-}
-
-/// A body of exactly `len` bytes of printable text, different for each message.
-fn body(seq: u64, len: usize) -> String {
-    const FILLER: &str =
-        "see you at the station at ten, I will bring the tickets and some coffee. ";
-    let mut s = format!("#{seq} ");
-    while s.len() < len {
-        s.push_str(FILLER);
-    }
-    s.truncate(len);
-    s
-}
-
-/// Adds one message map at the root, in its own change.
-fn put_message(
-    doc: &mut Automerge,
-    key: &str,
-    id: i64,
-    author: [u8; 32],
-    text: &str,
-    ts_us: i64,
-) -> Result<(), AutomergeError> {
-    doc.transact::<_, _, AutomergeError>(|tx| {
-        let msg = tx.put_object(ROOT, key, ObjType::Map)?;
-        tx.put(&msg, "id", id)?;
-        tx.put(&msg, "author", author.to_vec())?;
-        tx.put(&msg, "body", text)?;
-        tx.put(&msg, "ts", ts_us)?;
-        Ok(())
-    })
-    .map(|_| ())
-    .map_err(|failure| failure.error)
-}
-
 /// A's document before measuring: `history` messages from both devices, one change each.
 fn history_doc(cfg: &LiveConfig) -> (Automerge, u64) {
     let mut doc = Automerge::new();
@@ -252,22 +157,8 @@ async fn run(cfg: LiveConfig) -> LiveResult {
     let epoch = Instant::now();
 
     // The sync server: a repo accepting every connection made to a loopback socket.
-    let server = Repo::build_tokio().load().await;
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let acceptor = server
-        .make_acceptor(Url::parse(&format!("tcp://{addr}")).expect("url"))
-        .expect("server running");
-    let accept_loop = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            if stream.set_nodelay(true).is_err() {
-                continue;
-            }
-            if acceptor.accept(Transport::from_tokio_io(stream)).is_err() {
-                break;
-            }
-        }
-    });
+    let server = SyncServer::start().await;
+    let addr = server.addr;
 
     // Device A creates the document with its history and hands it to the server.
     let a = connect_device(addr).await;
@@ -431,8 +322,8 @@ async fn run(cfg: LiveConfig) -> LiveResult {
         )
     };
 
-    let stop = futures::future::join3(a.repo.stop(), b.repo.stop(), server.stop());
+    let stop = futures::future::join(a.repo.stop(), b.repo.stop());
     let _ = tokio::time::timeout(Duration::from_secs(5), stop).await;
-    accept_loop.abort();
+    server.stop().await;
     result
 }

@@ -3,6 +3,7 @@
 //! worker's session does, so a reconnect resumes from stored cursors and the outbox.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -33,6 +34,35 @@ pub fn backoff_ms(attempt: u32, jitter: u32) -> u64 {
     base * factor_per_mille / 1000
 }
 
+/// Bytes moved to and from one relay since the engine started, over all its connections: whole
+/// frames (header included) and datagrams, not QUIC's own packet overhead. The connection task
+/// counts; the worker reads the counts into [`crate::engine::RelayStatus`].
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
+impl Traffic {
+    /// Bytes received so far.
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Bytes sent so far.
+    pub(crate) fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    fn add_received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn add_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
 fn jitter() -> u32 {
     let mut b = [0u8; 4];
     // Jitter needs no secrecy; a failure leaves it at zero (the shortest delay of the range).
@@ -47,6 +77,7 @@ pub(crate) async fn run(
     identity: Arc<Identity>,
     endpoint: quinn::Endpoint,
     worker: mpsc::UnboundedSender<Input>,
+    traffic: Arc<Traffic>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut attempt: u32 = 0;
@@ -55,7 +86,7 @@ pub(crate) async fn run(
             return;
         }
         let result = tokio::select! {
-            r = session(index, &relay, &identity, &endpoint, &worker, &mut attempt) => r,
+            r = session(index, &relay, &identity, &endpoint, &worker, &traffic, &mut attempt) => r,
             _ = stop.changed() => return,
         };
         let reason = match result {
@@ -87,6 +118,7 @@ async fn session(
     identity: &Identity,
     endpoint: &quinn::Endpoint,
     worker: &mpsc::UnboundedSender<Input>,
+    traffic: &Traffic,
     attempt: &mut u32,
 ) -> Result<(), NetError> {
     let conn = tokio::time::timeout(
@@ -115,11 +147,18 @@ async fn session(
     let writer = async move {
         while let Some(out) = out_rx.recv().await {
             match out {
-                Outgoing::Message(msg) => framed_send.send(&Frame::Message(*msg)).await?,
+                Outgoing::Message(msg) => {
+                    let bytes = Frame::Message(*msg).encode();
+                    traffic.add_sent(bytes.len());
+                    framed_send.send_encoded(&bytes).await?;
+                }
                 // A datagram that does not fit or finds no room is dropped: typing signals
                 // are best effort.
                 Outgoing::Datagram(bytes) => {
-                    let _ = writer_conn.send_datagram(bytes.into());
+                    let len = bytes.len();
+                    if writer_conn.send_datagram(bytes.into()).is_ok() {
+                        traffic.add_sent(len);
+                    }
                 }
                 Outgoing::Reconnect => return Ok(()),
             }
@@ -127,8 +166,12 @@ async fn session(
         Ok::<(), NetError>(())
     };
     let reader = async {
+        let mut counted = 0;
         loop {
-            match framed_recv.recv().await? {
+            let frame = framed_recv.recv().await?;
+            traffic.add_received(framed_recv.received_bytes() - counted);
+            counted = framed_recv.received_bytes();
+            match frame {
                 Some(Frame::Message(msg)) => {
                     if worker
                         .send(Input::Net(NetEvent::Message {
@@ -150,6 +193,7 @@ async fn session(
     let datagrams = async {
         loop {
             let bytes = conn.read_datagram().await.map_err(NetError::Connection)?;
+            traffic.add_received(bytes.len() as u64);
             if worker
                 .send(Input::Net(NetEvent::Datagram {
                     relay: index,

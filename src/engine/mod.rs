@@ -189,6 +189,11 @@ pub struct RelayStatus {
     pub state: ConnectionState,
     /// The current (or last) connection's catch-up.
     pub catch_up: CatchUpProgress,
+    /// Bytes received from this relay since the engine opened, over all its connections:
+    /// whole frames (headers included) and datagrams, without QUIC's own packet overhead.
+    pub bytes_received: u64,
+    /// Bytes sent to this relay since the engine opened, counted the same way.
+    pub bytes_sent: u64,
 }
 
 /// Sync status for the app's indicator.
@@ -624,6 +629,7 @@ impl Engine {
         let account = worker.account();
         let device = worker.device();
         let identity = Arc::new(Identity::from_device(&worker.secret)?);
+        let traffic = worker.relay_traffic();
         let endpoint = crate::net::client_endpoint(config.bind)?;
         let (tx, rx) = mpsc::unbounded_channel();
         // Subscribed before the worker runs: the first `events()` call misses nothing.
@@ -636,14 +642,16 @@ impl Engine {
         let mut tasks: Vec<tokio::task::JoinHandle<()>> = config
             .relays
             .iter()
+            .zip(traffic)
             .enumerate()
-            .map(|(i, relay)| {
+            .map(|(i, (relay, traffic))| {
                 tokio::spawn(conn::run(
                     i,
                     relay.clone(),
                     identity.clone(),
                     endpoint.clone(),
                     tx.clone(),
+                    traffic,
                     stop_rx.clone(),
                 ))
             })

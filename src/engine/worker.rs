@@ -5,6 +5,7 @@
 //! what the sessions need through each connection's queue.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -15,6 +16,7 @@ use crate::crypto::identity::{DevicePublic, DeviceSecret};
 use crate::crypto::keys::{DocKey, KeyEpoch, KeySource, Keyring};
 use crate::crypto::pairing::PairingInvite;
 use crate::crypto::rng::SeedRng;
+use crate::engine::conn::Traffic;
 use crate::engine::session::{
     CursorStep, FETCH_LIMIT, Pending, Session, TIER_ACCOUNT, TIER_META, TIER_NEWEST, TIER_OLDER,
     Tier,
@@ -138,6 +140,8 @@ struct Relay {
     /// The catch-up progress last told to the app, and when.
     progress: CatchUpProgress,
     progress_ms: u64,
+    /// Bytes moved, counted by the connection task.
+    traffic: Arc<Traffic>,
 }
 
 /// An envelope waiting for a relay's acknowledgement.
@@ -340,6 +344,7 @@ impl Worker {
                 heard_ms: 0,
                 progress: CatchUpProgress::default(),
                 progress_ms: 0,
+                traffic: Arc::default(),
             });
         }
         let relay_keys: Vec<[u8; 32]> = w.relays.iter().map(|r| *r.addr.key.as_bytes()).collect();
@@ -497,6 +502,12 @@ impl Worker {
 
     // ---- status ------------------------------------------------------------------------------
 
+    /// The byte counters of each relay, in the order of the configuration, for its connection
+    /// task.
+    pub(crate) fn relay_traffic(&self) -> Vec<Arc<Traffic>> {
+        self.relays.iter().map(|r| r.traffic.clone()).collect()
+    }
+
     pub(crate) fn status(&self) -> SyncStatus {
         SyncStatus {
             relays: self
@@ -506,6 +517,8 @@ impl Worker {
                     relay: r.addr.to_string(),
                     state: r.state,
                     catch_up: r.progress,
+                    bytes_received: r.traffic.received(),
+                    bytes_sent: r.traffic.sent(),
                 })
                 .collect(),
             pending_uploads: self.outbox.len(),

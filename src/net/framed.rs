@@ -54,6 +54,8 @@ pub struct FramedRecv {
     stream: RecvStream,
     decoder: FrameDecoder,
     chunk: Box<[u8]>,
+    /// Bytes read from the stream so far.
+    received_bytes: u64,
 }
 
 impl std::fmt::Debug for FramedRecv {
@@ -61,6 +63,7 @@ impl std::fmt::Debug for FramedRecv {
         f.debug_struct("FramedRecv")
             .field("stream", &self.stream)
             .field("buffered", &self.decoder.buffered())
+            .field("received_bytes", &self.received_bytes)
             .finish()
     }
 }
@@ -72,7 +75,14 @@ impl FramedRecv {
             stream,
             decoder: FrameDecoder::default(),
             chunk: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
+            received_bytes: 0,
         }
+    }
+
+    /// Bytes read from the stream so far: the frames returned, and at most one partial frame
+    /// behind them.
+    pub fn received_bytes(&self) -> u64 {
+        self.received_bytes
     }
 
     /// The next frame; `Ok(None)` when the peer finished the stream between frames.
@@ -88,7 +98,10 @@ impl FramedRecv {
             let room = FrameDecoder::MAX_BUFFERED_BYTES.saturating_sub(self.decoder.buffered());
             let want = READ_CHUNK_BYTES.min(room).max(1);
             match self.stream.read(&mut self.chunk[..want]).await? {
-                Some(n) => self.decoder.push(&self.chunk[..n])?,
+                Some(n) => {
+                    self.decoder.push(&self.chunk[..n])?;
+                    self.received_bytes += n as u64;
+                }
                 None => {
                     let buffered = self.decoder.buffered();
                     return if buffered == 0 {
