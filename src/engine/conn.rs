@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::engine::worker::{Input, NetEvent, Outgoing};
+use crate::engine::worker::{Input, MAX_RECEIVED_BYTES_QUEUED, NetEvent, Outgoing, Received};
 use crate::net::{FramedRecv, FramedSend, Identity, NetError, PeerAddr, connect};
 use crate::wire::frame::Frame;
 
@@ -77,7 +77,7 @@ pub(crate) async fn run(
     identity: Arc<Identity>,
     endpoint: quinn::Endpoint,
     worker: mpsc::UnboundedSender<Input>,
-    traffic: Arc<Traffic>,
+    meters: Meters,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut attempt: u32 = 0;
@@ -86,7 +86,7 @@ pub(crate) async fn run(
             return;
         }
         let result = tokio::select! {
-            r = session(index, &relay, &identity, &endpoint, &worker, &traffic, &mut attempt) => r,
+            r = session(index, &relay, &identity, &endpoint, &worker, &meters, &mut attempt) => r,
             _ = stop.changed() => return,
         };
         let reason = match result {
@@ -118,9 +118,10 @@ async fn session(
     identity: &Identity,
     endpoint: &quinn::Endpoint,
     worker: &mpsc::UnboundedSender<Input>,
-    traffic: &Traffic,
+    meters: &Meters,
     attempt: &mut u32,
 ) -> Result<(), NetError> {
+    let (traffic, queue) = (&*meters.traffic, &meters.queue);
     let conn = tokio::time::timeout(
         Duration::from_millis(CONNECT_TIMEOUT_MS),
         connect(endpoint, identity, relay),
@@ -169,14 +170,25 @@ async fn session(
         let mut counted = 0;
         loop {
             let frame = framed_recv.recv().await?;
-            traffic.add_received(framed_recv.received_bytes() - counted);
+            let bytes = framed_recv.received_bytes() - counted;
+            traffic.add_received(bytes);
             counted = framed_recv.received_bytes();
             match frame {
                 Some(Frame::Message(msg)) => {
+                    // Reading waits while the worker has the whole receive budget queued.
+                    let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+                    let permit = Arc::clone(queue)
+                        .acquire_many_owned(queue_permits(bytes))
+                        .await
+                        .ok();
                     if worker
                         .send(Input::Net(NetEvent::Message {
                             relay: index,
                             msg: Box::new(msg),
+                            held: Received {
+                                bytes,
+                                _permit: permit,
+                            },
                         }))
                         .is_err()
                     {
@@ -217,6 +229,27 @@ async fn session(
     result
 }
 
+/// Permits of the receive budget (one per KiB, see [`MAX_RECEIVED_BYTES_QUEUED`]) a message of
+/// `bytes` holds; never more than the whole budget, so the largest message still gets through.
+pub(crate) fn queue_permits(bytes: usize) -> u32 {
+    let all = MAX_RECEIVED_BYTES_QUEUED / 1024;
+    (bytes / 1024).clamp(1, all) as u32
+}
+
+/// What a connection task counts and holds to: its relay's traffic, and the receive budget all
+/// of the engine's connections share.
+pub(crate) struct Meters {
+    /// Bytes moved to and from this relay.
+    pub traffic: Arc<Traffic>,
+    /// The receive budget.
+    pub queue: Arc<Semaphore>,
+}
+
+/// The receive budget shared by an engine's connection tasks.
+pub(crate) fn receive_budget() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(MAX_RECEIVED_BYTES_QUEUED / 1024))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +261,22 @@ mod tests {
         assert_eq!(backoff_ms(30, 0), BACKOFF_MAX_MS / 2);
         assert!(backoff_ms(30, u32::MAX) < BACKOFF_MAX_MS * 3 / 2);
         assert!(backoff_ms(3, u32::MAX / 2) > backoff_ms(3, 0));
+    }
+
+    #[test]
+    fn a_message_holds_its_share_of_the_receive_budget_and_never_more_than_all() {
+        let all = (MAX_RECEIVED_BYTES_QUEUED / 1024) as u32;
+        assert_eq!(queue_permits(0), 1);
+        assert_eq!(queue_permits(100), 1);
+        assert_eq!(queue_permits(64 * 1024), 64);
+        assert_eq!(queue_permits(usize::MAX), all);
+        // A full budget stops the reader until the worker drops what it holds.
+        let budget = receive_budget();
+        let held = Arc::clone(&budget)
+            .try_acquire_many_owned(queue_permits(MAX_RECEIVED_BYTES_QUEUED))
+            .expect("the whole budget");
+        assert!(Arc::clone(&budget).try_acquire_many_owned(1).is_err());
+        drop(held);
+        assert!(Arc::clone(&budget).try_acquire_many_owned(1).is_ok());
     }
 }

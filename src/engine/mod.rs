@@ -60,7 +60,8 @@ pub use conn::{BACKOFF_MAX_MS, BACKOFF_START_MS, backoff_ms};
 pub use session::FETCH_LIMIT;
 pub use worker::{
     CATCH_UP_EVENT_MS, HEARTBEAT_MS, INVITE_TTL_MS, MAX_APPENDS_IN_FLIGHT, MAX_BLOCKED_RETRIES,
-    MAX_INPUTS_PER_TURN, MAX_SNAPSHOTS_PER_TICK, SILENT_RELAY_MS, SNAPSHOT_AFTER_CHANGES,
+    MAX_INPUTS_PER_TURN, MAX_RECEIVED_BYTES_QUEUED, MAX_SNAPSHOTS_PER_TICK,
+    RECEIVED_BYTES_PER_TURN, SILENT_RELAY_MS, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_APPLY_WEIGHT,
     SNAPSHOT_FORMAT_VERSION,
 };
 
@@ -639,6 +640,7 @@ impl Engine {
             .spawn(move || worker.run(rx))
             .map_err(|e| EngineError::Randomness(format!("cannot start the worker thread: {e}")))?;
         let (stop, stop_rx) = watch::channel(false);
+        let queue = conn::receive_budget();
         let mut tasks: Vec<tokio::task::JoinHandle<()>> = config
             .relays
             .iter()
@@ -651,7 +653,10 @@ impl Engine {
                     identity.clone(),
                     endpoint.clone(),
                     tx.clone(),
-                    traffic,
+                    conn::Meters {
+                        traffic,
+                        queue: Arc::clone(&queue),
+                    },
                     stop_rx.clone(),
                 ))
             })

@@ -4,7 +4,7 @@
 //! worker drains what is queued, applies all envelopes of one document in one call, and sends
 //! what the sessions need through each connection's queue.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -62,6 +62,15 @@ pub const MAX_APPENDS_IN_FLIGHT: usize = 1_024;
 /// Times a document's envelopes are fetched again after "not yet" refusals (unknown author
 /// device, missing key) before they are taken as refused for good.
 pub const MAX_BLOCKED_RETRIES: u32 = 3;
+/// Bytes of received messages waiting for the worker, over all relays, before connection
+/// tasks stop reading (QUIC flow control then holds the relay back): what bounds a catch-up's
+/// memory when the network is faster than applying.
+pub const MAX_RECEIVED_BYTES_QUEUED: usize = 16 << 20;
+/// Bytes of received messages one worker turn takes on (a snapshot counts
+/// [`SNAPSHOT_APPLY_WEIGHT`] times its size); app calls wait at most for one such turn.
+pub const RECEIVED_BYTES_PER_TURN: usize = 1 << 20;
+/// How much heavier than its size a snapshot is to apply (it is compressed).
+pub const SNAPSHOT_APPLY_WEIGHT: usize = 16;
 /// Least time between two catch-up progress events that only count more envelopes.
 pub const CATCH_UP_EVENT_MS: u64 = 100;
 /// Plaintext of a typing signal: conversation id (16) + account (32) + flag (1).
@@ -81,10 +90,24 @@ pub(crate) enum NetEvent {
         reason: String,
         retry_in_ms: u64,
     },
-    /// A message arrived (boxed: messages are large, other events small).
-    Message { relay: usize, msg: Box<Message> },
+    /// A message arrived (boxed: messages are large, other events small). `held` holds the
+    /// message's share of the receive budget until the worker is done with it.
+    Message {
+        relay: usize,
+        msg: Box<Message>,
+        held: Received,
+    },
     /// A datagram arrived.
     Datagram { relay: usize, bytes: Vec<u8> },
+}
+
+/// A received message's share of [`MAX_RECEIVED_BYTES_QUEUED`]: its size, and the permits
+/// that keep the connection task from reading further while the worker lags (released when
+/// dropped).
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub bytes: usize,
+    pub _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What the worker sends to a connection task.
@@ -392,13 +415,36 @@ impl Worker {
 
     /// Runs until shutdown or until every sender is gone.
     pub(crate) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut inputs = vec![first];
-            while inputs.len() < MAX_INPUTS_PER_TURN {
-                match rx.try_recv() {
-                    Ok(i) => inputs.push(i),
-                    Err(_) => break,
+        // App calls (and ticks) go first in every turn; network input follows in arrival order,
+        // up to `RECEIVED_BYTES_PER_TURN`, so a long catch-up delays a call by one turn at most.
+        // What waits here is bounded by the receive budget the connection tasks hold to.
+        let mut calls: VecDeque<Input> = VecDeque::new();
+        let mut net: VecDeque<Input> = VecDeque::new();
+        fn sort(input: Input, calls: &mut VecDeque<Input>, net: &mut VecDeque<Input>) {
+            match input {
+                Input::Net(_) => net.push_back(input),
+                other => calls.push_back(other),
+            }
+        }
+        loop {
+            if calls.is_empty() && net.is_empty() {
+                match rx.blocking_recv() {
+                    Some(input) => sort(input, &mut calls, &mut net),
+                    None => break,
                 }
+            }
+            while let Ok(input) = rx.try_recv() {
+                sort(input, &mut calls, &mut net);
+            }
+            let take = calls.len().min(MAX_INPUTS_PER_TURN);
+            let mut inputs: Vec<Input> = calls.drain(..take).collect();
+            let mut weight = 0;
+            while weight < RECEIVED_BYTES_PER_TURN && inputs.len() < MAX_INPUTS_PER_TURN {
+                let Some(input) = net.pop_front() else {
+                    break;
+                };
+                weight += input_weight(&input);
+                inputs.push(input);
             }
             self.turn(inputs);
             if self.stopping {
@@ -411,7 +457,7 @@ impl Worker {
         let mut arrivals: BTreeMap<DocId, Arrivals> = BTreeMap::new();
         for input in inputs {
             match input {
-                Input::Net(NetEvent::Message { relay, msg })
+                Input::Net(NetEvent::Message { relay, msg, .. })
                     if matches!(*msg, Message::Envelopes { .. }) =>
                 {
                     if let Message::Envelopes {
@@ -530,5 +576,17 @@ impl Worker {
 
     fn emit_status(&self) {
         self.emit(Event::Sync(self.status()));
+    }
+}
+
+/// What a network input costs a turn: a received message's size (a snapshot's several times
+/// over); other events next to nothing.
+fn input_weight(input: &Input) -> usize {
+    match input {
+        Input::Net(NetEvent::Message { msg, held, .. }) => match **msg {
+            Message::Snapshot { .. } => held.bytes.saturating_mul(SNAPSHOT_APPLY_WEIGHT),
+            _ => held.bytes,
+        },
+        _ => 1,
     }
 }

@@ -65,7 +65,7 @@ impl Worker {
                     tracing::debug!(relay, len = bytes.len(), "datagram dropped");
                 }
             }
-            NetEvent::Message { relay, msg } => {
+            NetEvent::Message { relay, msg, .. } => {
                 if let Err(e) = self.on_message(relay, *msg) {
                     tracing::warn!(relay, error = %e, "relay message not handled");
                 }
