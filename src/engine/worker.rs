@@ -44,7 +44,10 @@ mod relays;
 mod signals;
 mod snapshots;
 
-pub use snapshots::{MAX_SNAPSHOTS_PER_TICK, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_FORMAT_VERSION};
+pub use snapshots::{
+    MAX_SNAPSHOTS_PER_TICK, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_FORMAT_VERSION,
+    SNAPSHOT_TICK_BUDGET_MS,
+};
 
 /// Most inputs handled in one turn of the worker before it stores and answers.
 pub const MAX_INPUTS_PER_TURN: usize = 4_096;
@@ -68,7 +71,7 @@ pub const MAX_BLOCKED_RETRIES: u32 = 3;
 pub const MAX_RECEIVED_BYTES_QUEUED: usize = 16 << 20;
 /// Bytes of received messages one worker turn takes on (a snapshot counts
 /// [`SNAPSHOT_APPLY_WEIGHT`] times its size); app calls wait at most for one such turn.
-pub const RECEIVED_BYTES_PER_TURN: usize = 1 << 20;
+pub const RECEIVED_BYTES_PER_TURN: usize = 256 << 10;
 /// How much heavier than its size a snapshot is to apply (it is compressed).
 pub const SNAPSHOT_APPLY_WEIGHT: usize = 16;
 /// Least time between two catch-up progress events that only count more envelopes.

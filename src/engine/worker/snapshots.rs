@@ -6,7 +6,8 @@
 //! numbers are global, so the count of changes held stands in for the count of envelopes), whose
 //! cursor is settled (no catch-up, fetch or known gap) and whose model buffer holds no change
 //! waiting for dependencies, is saved, sealed as a `Snapshot` envelope covering the cursor and
-//! uploaded with `PutSnapshot`; at most [`MAX_SNAPSHOTS_PER_TICK`] a tick. What each relay
+//! uploaded with `PutSnapshot`; at most [`MAX_SNAPSHOTS_PER_TICK`] a tick, within
+//! [`SNAPSHOT_TICK_BUDGET_MS`] of worker time. What each relay
 //! acknowledged is remembered in the settings (`snapshot/<relay>/<doc>`), so a restart does not
 //! upload it again.
 //!
@@ -33,7 +34,10 @@ use crate::store::db::Store;
 /// after which it makes a new one.
 pub const SNAPSHOT_AFTER_CHANGES: u64 = 256;
 /// Most snapshots made in one tick (each saves and seals a whole document).
-pub const MAX_SNAPSHOTS_PER_TICK: usize = 2;
+pub const MAX_SNAPSHOTS_PER_TICK: usize = 32;
+/// Worker time one tick may spend making snapshots; the tick stops making them once it is
+/// spent, so app calls wait for it at most this long.
+pub const SNAPSHOT_TICK_BUDGET_MS: u64 = 50;
 /// Version of a snapshot's plaintext format.
 pub const SNAPSHOT_FORMAT_VERSION: u8 = 1;
 
@@ -162,6 +166,9 @@ impl Worker {
             return;
         };
         let mut budget = MAX_SNAPSHOTS_PER_TICK;
+        let started = std::time::Instant::now();
+        let spent =
+            || started.elapsed() >= std::time::Duration::from_millis(SNAPSHOT_TICK_BUDGET_MS);
         for relay in 0..self.relays.len() {
             if self.relays[relay].state != ConnectionState::Live {
                 continue;
@@ -187,7 +194,7 @@ impl Worker {
             }
             due.sort_by_key(|(doc, ..)| *doc);
             for (doc, addr, covers, changes_before) in due {
-                if budget == 0 {
+                if budget == 0 || spent() {
                     return;
                 }
                 let open = self.relays[relay]
