@@ -43,6 +43,11 @@ impl VersionVector {
         }
     }
 
+    /// Whether no device has a change here.
+    pub fn is_empty(&self) -> bool {
+        self.0.values().all(|n| *n == 0)
+    }
+
     /// Devices and their sequence numbers, in device order.
     pub fn iter(&self) -> impl Iterator<Item = (&DeviceId, &u64)> {
         self.0.iter()
@@ -199,6 +204,14 @@ impl SyncedDoc {
             out.known.insert(hash);
         }
         Ok(out)
+    }
+
+    /// A document loaded whole from a compacted save (a snapshot), with the save itself as
+    /// what is to be stored: a save is a valid chunk to load incrementally.
+    pub fn from_save(addr: DocAddr, me: DeviceId, save: &[u8]) -> Result<SyncedDoc, ModelError> {
+        let mut doc = SyncedDoc::load_parts(addr, me, Some(save), &[], &[])?;
+        doc.unsaved = save.to_vec();
+        Ok(doc)
     }
 
     /// The document's address.

@@ -866,6 +866,16 @@ impl StoredReplica {
         }
     }
 
+    /// Installs a segment whole from a compacted save when nothing of it is held here (see
+    /// [`Replica::install_segment`]); stored like any applied change.
+    pub fn install_segment(&mut self, addr: &DocAddr, save: &[u8]) -> Result<bool> {
+        let installed = self.run(|r| r.install_segment(addr, save))?;
+        if let (true, DocAddr::Segment(c, n)) = (installed, addr) {
+            self.touch(*c, *n);
+        }
+        Ok(installed)
+    }
+
     /// Makes an evicted document an empty one again, to be filled by fetching it from a relay
     /// (from sequence 0: the caller resets its cursors in the same breath).
     pub fn restore_evicted(&mut self, addr: &DocAddr) -> Result<()> {

@@ -95,7 +95,7 @@ impl Worker {
             let doc = addr.doc_id();
             let missing = if live.is_empty() {
                 self.relays.iter().all(|r| r.session.cursor(&doc) == 0)
-                    && self.replica.version_vector(&addr)?.iter().next().is_none()
+                    && self.replica.version_vector(&addr)?.is_empty()
             } else {
                 live.iter()
                     .any(|i| self.relays[*i].session.is_catching_up(&doc))

@@ -482,6 +482,47 @@ fn history_without_absent_segments_leaves_them_out_and_says_so() {
 }
 
 #[test]
+fn a_segment_installed_from_a_save_reads_like_one_applied() {
+    let mut a = replica(1, 1, 4);
+    let c = a.create_conversation(T0, "install", &[]).unwrap();
+    for i in 0..6 {
+        a.send(T0 + i, &c, &Draft::text(format!("m{i}"))).unwrap();
+    }
+    // Another device of the account: the meta document by changes, segment 0 from a save.
+    let mut b = replica(1, 2, 4);
+    let meta = a
+        .changes_since(&DocAddr::Meta(c), &crate::model::VersionVector::new())
+        .unwrap();
+    b.apply(T0 + 10, vec![meta]);
+    let seg0 = DocAddr::Segment(c, 0);
+    let save = a.save_doc(&seg0).unwrap();
+    assert!(b.install_segment(&seg0, &save).unwrap());
+    assert_eq!(b.version_vector(&seg0), a.version_vector(&seg0));
+    // The rest by changes, as a catch-up after the snapshot would.
+    sync(&a, &mut b, T0 + 11);
+    assert_eq!(ids(&walk(&b, &c, 3)), ids(&walk(&a, &c, 3)));
+    assert_eq!(b.unread_count(&c).unwrap(), a.unread_count(&c).unwrap());
+    // What is stored of it is the save, loadable like any chunk.
+    let stored = b.take_unsaved();
+    let (_, unsaved) = stored.iter().find(|(addr, _)| *addr == seg0).unwrap();
+    let reloaded = crate::model::doc::SyncedDoc::load_parts(
+        seg0,
+        device(2),
+        None,
+        &[unsaved.applied.clone()],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(reloaded.version_vector(), a.version_vector(&seg0));
+    // A segment that holds changes is not replaced.
+    assert!(!b.install_segment(&seg0, &save).unwrap());
+    assert!(
+        b.install_segment(&DocAddr::Meta(c), &save).is_err(),
+        "only segments are installed"
+    );
+}
+
+#[test]
 fn message_by_id_across_segments() {
     let mut a = replica(1, 1, 2);
     let c = a.create_conversation(T0, "lookup", &[]).unwrap();
