@@ -412,8 +412,13 @@ async fn another_accounts_snapshot_is_never_served() {
         None
     );
 
-    // Alice's new device catches up from envelopes alone.
-    let a2 = linked(dir.path(), "a2", &addr, &a1).await;
+    // Alice's new device catches up from envelopes alone (and makes no snapshot of its own,
+    // which would be Alice's to take).
+    let code = a1.invite_device().await.unwrap();
+    let mut cfg = config(dir.path(), "a2", &addr);
+    cfg.snapshot_after_changes = None;
+    let a2 = Engine::link(cfg, &code, "a2").await.unwrap();
+    until_live(&a2).await;
     until_listed(&a2, &chat).await;
     until_history(&a2, &chat, 300).await;
     assert_eq!(

@@ -162,6 +162,24 @@ async fn write_history(writer: &Engine, chats: &[ConversationId], w: &Workload) 
     start.elapsed().as_secs_f64()
 }
 
+/// Waits until `e` has made its snapshots (a device makes them in the background, so one that
+/// has been in use for a while has them): until the count stops growing for 3 s. Returns the
+/// count and the seconds it took.
+async fn until_snapshots_settle(e: &Engine, timeout: Duration) -> (u64, f64) {
+    let start = Instant::now();
+    let (mut made, mut since) = (0, Instant::now());
+    loop {
+        let now = e.sync_status().await.expect("status").snapshots_made;
+        if now != made {
+            (made, since) = (now, Instant::now());
+        }
+        if since.elapsed() >= Duration::from_secs(3) || start.elapsed() >= timeout {
+            return (made, start.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The new-device measurement: history written by A, then a new device linked in a child
 /// process, `repeat` times against the same history (each a device of its own). Returns what
 /// each child reported, plus `setup_s`.
@@ -186,6 +204,8 @@ pub fn run_new_device(w: Workload, repeat: usize) -> Vec<Metrics> {
         let chats = create_conversations(&a, &p, w.convs).await;
         p.shutdown().await;
         let setup_s = write_history(&a, &chats, &w).await;
+        let (snapshots, snapshot_s) = until_snapshots_settle(&a, w.timeout).await;
+        eprintln!("roamsync: {snapshots} snapshots made, settled after {snapshot_s:.1} s");
         let mut runs = Vec::new();
         for run in 0..repeat {
             let code = a.invite_device().await.expect("invite");

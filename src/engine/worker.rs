@@ -139,6 +139,8 @@ pub(crate) enum Input {
     Net(NetEvent),
     /// A second passed.
     Tick,
+    /// Nothing is queued: time for background work (one snapshot).
+    Idle,
     /// Stop after this turn.
     Shutdown,
 }
@@ -218,6 +220,8 @@ pub(crate) struct Worker {
     /// Documents an app call is waiting for (history reaching past what is here): they go
     /// first in the catch-up order.
     wanted: HashSet<DocId>,
+    /// Whether background work (snapshots) may be due when the queue runs dry.
+    idle_work: bool,
     /// History calls waiting for documents to be caught up.
     history_waiters: Vec<(HashSet<DocId>, oneshot::Sender<()>)>,
     /// Invitation codes waiting for the relay to register their offer, by rendezvous.
@@ -308,6 +312,7 @@ impl Worker {
             pending_cursors: Vec::new(),
             blocked: HashMap::new(),
             wanted: HashSet::new(),
+            idle_work: true,
             history_waiters: Vec::new(),
             offers: HashMap::new(),
             snapshots: snapshots::Snapshots::default(),
@@ -431,10 +436,23 @@ impl Worker {
         }
         loop {
             if calls.is_empty() && net.is_empty() {
-                match rx.blocking_recv() {
-                    Some(input) => sort(input, &mut calls, &mut net),
-                    None => break,
+                if let Ok(input) = rx.try_recv() {
+                    sort(input, &mut calls, &mut net);
+                } else if self.idle_work {
+                    // Idle: one piece of background work, then look at the queue again.
+                    self.turn(vec![Input::Idle]);
+                    if self.stopping {
+                        break;
+                    }
+                    continue;
+                } else {
+                    match rx.blocking_recv() {
+                        Some(input) => sort(input, &mut calls, &mut net),
+                        None => break,
+                    }
                 }
+                // New input may make background work due again.
+                self.idle_work = true;
             }
             while let Ok(input) = rx.try_recv() {
                 sort(input, &mut calls, &mut net);
@@ -483,7 +501,10 @@ impl Worker {
                         Input::Net(ev) => self.handle_net(ev),
                         Input::Tick => {
                             self.check_silent_relays(now_ms());
-                            self.make_snapshots();
+                            self.make_snapshots(MAX_SNAPSHOTS_PER_TICK, SNAPSHOT_TICK_BUDGET_MS);
+                        }
+                        Input::Idle => {
+                            self.idle_work = self.make_snapshots(1, SNAPSHOT_TICK_BUDGET_MS) > 0;
                         }
                         Input::Shutdown => self.stopping = true,
                     }

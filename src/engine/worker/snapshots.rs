@@ -160,15 +160,15 @@ impl Worker {
 
     // ---- making ----------------------------------------------------------------------------
 
-    /// Makes and uploads the snapshots that are due, a few per tick.
-    pub(super) fn make_snapshots(&mut self) {
+    /// Makes and uploads up to `max` of the snapshots that are due, within `budget_ms` of
+    /// worker time; returns how many it made.
+    pub(super) fn make_snapshots(&mut self, max: usize, budget_ms: u64) -> usize {
         let Some(after) = self.snapshots.after_changes else {
-            return;
+            return 0;
         };
-        let mut budget = MAX_SNAPSHOTS_PER_TICK;
+        let mut budget = max;
         let started = std::time::Instant::now();
-        let spent =
-            || started.elapsed() >= std::time::Duration::from_millis(SNAPSHOT_TICK_BUDGET_MS);
+        let spent = || started.elapsed() >= std::time::Duration::from_millis(budget_ms);
         for relay in 0..self.relays.len() {
             if self.relays[relay].state != ConnectionState::Live {
                 continue;
@@ -195,7 +195,7 @@ impl Worker {
             due.sort_by_key(|(doc, ..)| *doc);
             for (doc, addr, covers, changes_before) in due {
                 if budget == 0 || spent() {
-                    return;
+                    return max - budget;
                 }
                 let open = self.relays[relay]
                     .session
@@ -221,6 +221,7 @@ impl Worker {
                 }
             }
         }
+        max - budget
     }
 
     /// Saves, seals and uploads a snapshot of `addr` covering `covers` on `relay`. `false` if

@@ -509,7 +509,7 @@ fn a_segment_installed_from_a_save_reads_like_one_applied() {
         seg0,
         device(2),
         None,
-        &[unsaved.applied.clone()],
+        std::slice::from_ref(&unsaved.applied),
         &[],
     )
     .unwrap();
