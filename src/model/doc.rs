@@ -183,6 +183,16 @@ impl SyncedDoc {
         for chunk in chunks {
             doc.load_incremental(chunk)?;
         }
+        SyncedDoc::from_automerge(addr, me, doc, pending)
+    }
+
+    /// A document around an Automerge document already loaded.
+    fn from_automerge(
+        addr: DocAddr,
+        me: DeviceId,
+        doc: Automerge,
+        pending: &[Change],
+    ) -> Result<SyncedDoc, ModelError> {
         let mut out = SyncedDoc {
             addr,
             doc: doc.with_actor(actor_of(&me)),
@@ -209,7 +219,18 @@ impl SyncedDoc {
     /// A document loaded whole from a compacted save (a snapshot), with the save itself as
     /// what is to be stored: a save is a valid chunk to load incrementally.
     pub fn from_save(addr: DocAddr, me: DeviceId, save: &[u8]) -> Result<SyncedDoc, ModelError> {
-        let mut doc = SyncedDoc::load_parts(addr, me, Some(save), &[], &[])?;
+        SyncedDoc::from_loaded_save(addr, me, Automerge::load(save)?, save)
+    }
+
+    /// [`SyncedDoc::from_save`] for a save the caller has loaded already (`loaded` must be
+    /// `Automerge::load(save)`): saves loading it twice.
+    pub fn from_loaded_save(
+        addr: DocAddr,
+        me: DeviceId,
+        loaded: Automerge,
+        save: &[u8],
+    ) -> Result<SyncedDoc, ModelError> {
+        let mut doc = SyncedDoc::from_automerge(addr, me, loaded, &[])?;
         doc.unsaved = save.to_vec();
         Ok(doc)
     }

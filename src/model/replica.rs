@@ -791,6 +791,18 @@ impl Replica {
     /// checks the changes first; no per-message report is made (the conversation's unread
     /// count is recounted).
     pub fn install_segment(&mut self, addr: &DocAddr, save: &[u8]) -> Result<bool, ModelError> {
+        self.install_loaded_segment(addr, || Ok(automerge::Automerge::load(save)?), save)
+    }
+
+    /// [`Self::install_segment`] with the save's loaded document from `loaded` (called only
+    /// when the segment is installed), so a caller that loaded it already does not load it
+    /// twice.
+    pub fn install_loaded_segment(
+        &mut self,
+        addr: &DocAddr,
+        loaded: impl FnOnce() -> Result<automerge::Automerge, ModelError>,
+        save: &[u8],
+    ) -> Result<bool, ModelError> {
         let DocAddr::Segment(c, n) = *addr else {
             return Err(ModelError::WrongDocument { addr: *addr });
         };
@@ -807,7 +819,7 @@ impl Replica {
         {
             return Ok(false);
         }
-        let doc = SyncedDoc::from_save(*addr, me, save)?;
+        let doc = SyncedDoc::from_loaded_save(*addr, me, loaded()?, save)?;
         conversation.insert_segment(Segment::from_doc(n, doc));
         conversation.forget_unread();
         Ok(true)

@@ -869,7 +869,25 @@ impl StoredReplica {
     /// Installs a segment whole from a compacted save when nothing of it is held here (see
     /// [`Replica::install_segment`]); stored like any applied change.
     pub fn install_segment(&mut self, addr: &DocAddr, save: &[u8]) -> Result<bool> {
-        let installed = self.run(|r| r.install_segment(addr, save))?;
+        self.install_loaded_segment(addr, None, save)
+    }
+
+    /// [`Self::install_segment`] with the save already loaded (`loaded` is
+    /// `Automerge::load(save)`), so it is not loaded twice.
+    pub fn install_loaded_segment(
+        &mut self,
+        addr: &DocAddr,
+        loaded: Option<automerge::Automerge>,
+        save: &[u8],
+    ) -> Result<bool> {
+        let mut loaded = loaded;
+        let installed = self.run(|r| {
+            let doc = || match loaded.take() {
+                Some(doc) => Ok(doc),
+                None => Ok(automerge::Automerge::load(save)?),
+            };
+            r.install_loaded_segment(addr, doc, save)
+        })?;
         if let (true, DocAddr::Segment(c, n)) = (installed, addr) {
             self.touch(*c, *n);
         }

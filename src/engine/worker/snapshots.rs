@@ -372,15 +372,16 @@ impl Worker {
                 what: "document inside the snapshot",
             });
         }
-        let changes = Automerge::load(save)
-            .map_err(ModelError::from)?
-            .get_changes(&[]);
+        let loaded = Automerge::load(save).map_err(ModelError::from)?;
+        let changes = loaded.get_changes(&[]);
         self.check_snapshot_changes(addr, &group, &changes)?;
         // A segment this device holds nothing of is installed whole from the save, which is
         // several times faster than applying its changes one by one.
         if matches!(addr, DocAddr::Segment(..)) {
             self.replica.defer_writes(true);
-            let installed = self.replica.install_segment(addr, save);
+            let installed = self
+                .replica
+                .install_loaded_segment(addr, Some(loaded), save);
             self.replica.defer_writes(false);
             if installed? {
                 self.emit(Event::ConversationListChanged);
