@@ -24,6 +24,15 @@ fn small_segments(dir: &std::path::Path, name: &str, relay: &PeerAddr) -> Engine
     c
 }
 
+/// An account whose device writes small segments, live on `relay`.
+async fn small_segment_account(dir: &std::path::Path, relay: &PeerAddr) -> Engine {
+    let a = Engine::create_account(small_segments(dir, "a", relay), "a")
+        .await
+        .unwrap();
+    until_live(&a).await;
+    a
+}
+
 /// Collects `engine`'s events until its relay's catch-up is done (and a little after, so the
 /// last applies are in).
 async fn events_until_caught_up(engine: &Engine) -> Vec<Event> {
@@ -65,10 +74,7 @@ async fn a_new_device_reads_all_history_newest_segments_first() {
     let dir = tempfile::tempdir().unwrap();
     let relay = relay(dir.path()).await;
     let addr = relay.addr();
-    let a = Engine::create_account(small_segments(dir.path(), "a", &addr), "a")
-        .await
-        .unwrap();
-    until_live(&a).await;
+    let a = small_segment_account(dir.path(), &addr).await;
     let b = account(dir.path(), "b", &addr).await;
 
     // `long`: 70 messages over five segments; `third`: 20 over two; `short`: both accounts
@@ -245,10 +251,7 @@ async fn history_reaching_past_what_arrived_fetches_it_first() {
     let dir = tempfile::tempdir().unwrap();
     let relay = relay(dir.path()).await;
     let addr = relay.addr();
-    let a = Engine::create_account(small_segments(dir.path(), "a", &addr), "a")
-        .await
-        .unwrap();
-    until_live(&a).await;
+    let a = small_segment_account(dir.path(), &addr).await;
     // 400 messages (25 segments) in one conversation, 2,000 (125) in another: the older
     // history takes a while to arrive.
     let mut chats = Vec::new();
