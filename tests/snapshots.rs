@@ -36,6 +36,28 @@ async fn send_many(engine: &Engine, c: &ConversationId, n: usize, tag: &str) {
 
 /// The relay's snapshot of `doc` for `account`, waiting until it has one covering more than
 /// `after`.
+/// Device "a1" of a new account writes 300 messages in a conversation, waits for its segment's
+/// snapshot on the relay, writes `more` after it and shuts down. Returns the account, the
+/// conversation, that snapshot and the segment's last sequence number on the relay.
+async fn snapshot_then_more(
+    dir: &Path,
+    addr: &PeerAddr,
+    more: usize,
+    label: &str,
+) -> (AccountId, ConversationId, StoredSnapshot, u64) {
+    let a1 = account(dir, "a1", addr).await;
+    let me = a1.account();
+    let chat = a1.create_conversation("chat", &[]).await.unwrap();
+    send_many(&a1, &chat, 300, "before").await;
+    until_uploaded(&a1).await;
+    let snapshot = until_snapshot(dir, segment(&chat), me, 0).await;
+    send_many(&a1, &chat, more, label).await;
+    until_uploaded(&a1).await;
+    let end = last_seq(dir, segment(&chat));
+    a1.shutdown().await;
+    (me, chat, snapshot, end)
+}
+
 async fn until_snapshot(dir: &Path, doc: DocId, account: AccountId, after: u64) -> StoredSnapshot {
     let deadline = Instant::now() + WAIT;
     let reader = RelayReader::open(&dir.join("relay")).unwrap();
@@ -350,18 +372,9 @@ async fn a_snapshot_that_leaves_changes_out_is_detected_and_the_document_fetched
     let dir = tempfile::tempdir().unwrap();
     let relay = relay(dir.path()).await;
     let addr = relay.addr();
-    let a1 = account(dir.path(), "a1", &addr).await;
-    let me = a1.account();
-    let chat = a1.create_conversation("chat", &[]).await.unwrap();
-    send_many(&a1, &chat, 300, "before").await;
-    until_uploaded(&a1).await;
-    let honest = until_snapshot(dir.path(), segment(&chat), me, 0).await;
-    // Forty more, under the threshold: the relay's snapshot no longer holds them.
-    send_many(&a1, &chat, 40, "left out").await;
-    until_uploaded(&a1).await;
-    let end = last_seq(dir.path(), segment(&chat));
+    // Forty more after the snapshot, under the threshold: the relay's snapshot lacks them.
+    let (me, chat, honest, end) = snapshot_then_more(dir.path(), &addr, 40, "left out").await;
     assert!(end > honest.covers);
-    a1.shutdown().await;
 
     // A real device of the account seals the old state again, claiming it covers everything.
     let forger = ("a1", me);
@@ -451,16 +464,7 @@ async fn a_refused_snapshot_falls_back_to_the_envelopes() {
     let dir = tempfile::tempdir().unwrap();
     let relay = relay(dir.path()).await;
     let addr = relay.addr();
-    let a1 = account(dir.path(), "a1", &addr).await;
-    let me = a1.account();
-    let chat = a1.create_conversation("chat", &[]).await.unwrap();
-    send_many(&a1, &chat, 300, "before").await;
-    until_uploaded(&a1).await;
-    let honest = until_snapshot(dir.path(), segment(&chat), me, 0).await;
-    send_many(&a1, &chat, 20, "after").await;
-    until_uploaded(&a1).await;
-    let end = last_seq(dir.path(), segment(&chat));
-    a1.shutdown().await;
+    let (me, chat, honest, end) = snapshot_then_more(dir.path(), &addr, 20, "after").await;
     // Signed by a real device, but of a snapshot format this version does not read.
     let forger = ("a1", me);
     let covers = honest.covers + (end - honest.covers) / 2;
