@@ -180,27 +180,33 @@ async fn until_snapshots_settle(e: &Engine, timeout: Duration) -> (u64, f64) {
     }
 }
 
+/// A relay in `dir` and two accounts on it, "a" and "p", both live.
+async fn relay_and_two_accounts(dir: &Path) -> (Relay, PeerAddr, Engine, Engine) {
+    let relay = Relay::start(RelayConfig::new(
+        dir.join("relay"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .expect("relay");
+    let addr = relay.addr();
+    let a = Engine::create_account(config(dir, "a", &addr), "a")
+        .await
+        .expect("a");
+    let p = Engine::create_account(config(dir, "p", &addr), "p")
+        .await
+        .expect("p");
+    until_live(&a).await;
+    until_live(&p).await;
+    (relay, addr, a, p)
+}
+
 /// The new-device measurement: history written by A, then a new device linked in a child
 /// process, `repeat` times against the same history (each a device of its own). Returns what
 /// each child reported, plus `setup_s`.
 pub fn run_new_device(w: Workload, repeat: usize) -> Vec<Metrics> {
     runtime().block_on(async move {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let relay = Relay::start(RelayConfig::new(
-            dir.path().join("relay"),
-            "127.0.0.1:0".parse().unwrap(),
-        ))
-        .await
-        .expect("relay");
-        let addr = relay.addr();
-        let a = Engine::create_account(config(dir.path(), "a", &addr), "a")
-            .await
-            .expect("a");
-        let p = Engine::create_account(config(dir.path(), "p", &addr), "p")
-            .await
-            .expect("p");
-        until_live(&a).await;
-        until_live(&p).await;
+        let (relay, addr, a, p) = relay_and_two_accounts(dir.path()).await;
         let chats = create_conversations(&a, &p, w.convs).await;
         p.shutdown().await;
         let setup_s = write_history(&a, &chats, &w).await;
@@ -485,21 +491,7 @@ pub fn child_new_device() {
 pub fn run_catchup(w: Workload) -> Metrics {
     runtime().block_on(async move {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let relay = Relay::start(RelayConfig::new(
-            dir.path().join("relay"),
-            "127.0.0.1:0".parse().unwrap(),
-        ))
-        .await
-        .expect("relay");
-        let addr = relay.addr();
-        let a = Engine::create_account(config(dir.path(), "a", &addr), "a")
-            .await
-            .expect("a");
-        let p = Engine::create_account(config(dir.path(), "p", &addr), "p")
-            .await
-            .expect("p");
-        until_live(&a).await;
-        until_live(&p).await;
+        let (relay, addr, a, p) = relay_and_two_accounts(dir.path()).await;
         let code = a.invite_device().await.expect("invite");
         let a2 = Engine::link(config(dir.path(), "a2", &addr), &code, "a2")
             .await
