@@ -506,6 +506,21 @@ impl RelayCore {
     }
 
     /// Authenticated, open connections of `account`.
+    /// [`Self::authenticated`] for a request carrying an envelope: it must be the connection's
+    /// device's own (the relay stores only what a device signed itself).
+    fn authenticated_author(
+        &self,
+        conn: ConnId,
+        what: &'static str,
+        author: DeviceId,
+    ) -> Result<(DeviceId, AccountId), RequestError> {
+        let (device, account) = self.authenticated(conn, what)?;
+        if author != device {
+            return Err(RequestError::AuthorMismatch { author, device });
+        }
+        Ok((device, account))
+    }
+
     fn authenticated_conns(&self, account: &AccountId) -> impl Iterator<Item = ConnId> + '_ {
         self.by_account
             .get(account)

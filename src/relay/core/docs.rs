@@ -149,14 +149,8 @@ impl RelayCore {
         envelope: SealedEnvelope,
         out: &mut Vec<Output>,
     ) -> Result<(), RequestError> {
-        let (device, account) = self.authenticated(conn, "Append")?;
         let header = envelope.header;
-        if header.author != device {
-            return Err(RequestError::AuthorMismatch {
-                author: header.author,
-                device,
-            });
-        }
+        let (device, account) = self.authenticated_author(conn, "Append", header.author)?;
         match header.kind {
             EnvelopeKind::Changes => {}
             EnvelopeKind::Ephemeral => return Err(RequestError::EphemeralAppend),

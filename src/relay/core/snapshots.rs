@@ -22,16 +22,10 @@ impl RelayCore {
         envelope: SealedEnvelope,
         out: &mut Vec<Output>,
     ) -> Result<(), RequestError> {
-        let (device, account) = self.authenticated(conn, "PutSnapshot")?;
         let header = envelope.header;
+        let (device, account) = self.authenticated_author(conn, "PutSnapshot", header.author)?;
         if header.kind != EnvelopeKind::Snapshot {
             return Err(RequestError::NotASnapshot);
-        }
-        if header.author != device {
-            return Err(RequestError::AuthorMismatch {
-                author: header.author,
-                device,
-            });
         }
         if header.first_seq != header.last_seq {
             return Err(RequestError::SnapshotRange {
