@@ -457,16 +457,7 @@ impl Worker {
             while let Ok(input) = rx.try_recv() {
                 sort(input, &mut calls, &mut net);
             }
-            let take = calls.len().min(MAX_INPUTS_PER_TURN);
-            let mut inputs: Vec<Input> = calls.drain(..take).collect();
-            let mut weight = 0;
-            while weight < RECEIVED_BYTES_PER_TURN && inputs.len() < MAX_INPUTS_PER_TURN {
-                let Some(input) = net.pop_front() else {
-                    break;
-                };
-                weight += input_weight(&input);
-                inputs.push(input);
-            }
+            let inputs = next_turn(&mut calls, &mut net);
             self.turn(inputs);
             if self.stopping {
                 break;
@@ -603,6 +594,22 @@ impl Worker {
     }
 }
 
+/// The inputs of the next turn: queued app calls first, then network input in arrival order
+/// up to [`RECEIVED_BYTES_PER_TURN`] of weight, at most [`MAX_INPUTS_PER_TURN`] in all.
+fn next_turn(calls: &mut VecDeque<Input>, net: &mut VecDeque<Input>) -> Vec<Input> {
+    let take = calls.len().min(MAX_INPUTS_PER_TURN);
+    let mut inputs: Vec<Input> = calls.drain(..take).collect();
+    let mut weight = 0;
+    while weight < RECEIVED_BYTES_PER_TURN && inputs.len() < MAX_INPUTS_PER_TURN {
+        let Some(input) = net.pop_front() else {
+            break;
+        };
+        weight += input_weight(&input);
+        inputs.push(input);
+    }
+    inputs
+}
+
 /// What a network input costs a turn: a received message's size (a snapshot's several times
 /// over); other events next to nothing.
 fn input_weight(input: &Input) -> usize {
@@ -612,5 +619,56 @@ fn input_weight(input: &Input) -> usize {
             _ => held.bytes,
         },
         _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod turn_tests {
+    use super::*;
+
+    fn received(msg: Message, bytes: usize) -> Input {
+        Input::Net(NetEvent::Message {
+            relay: 0,
+            msg: Box::new(msg),
+            held: Received {
+                bytes,
+                _permit: None,
+            },
+        })
+    }
+
+    fn envelopes(bytes: usize) -> Input {
+        received(Message::Done { req: 1 }, bytes)
+    }
+
+    #[test]
+    fn app_calls_go_first_and_network_input_is_taken_by_weight() {
+        let mut calls: VecDeque<Input> = VecDeque::from([Input::Tick, Input::Tick]);
+        // Ten answers of 100 KiB queued before the calls.
+        let mut net: VecDeque<Input> = (0..10).map(|_| envelopes(100 << 10)).collect();
+        let turn = next_turn(&mut calls, &mut net);
+        assert!(
+            matches!(turn[..2], [Input::Tick, Input::Tick]),
+            "calls first"
+        );
+        // 256 KiB of weight: the third 100 KiB message crosses it and is the last taken.
+        assert_eq!(turn.len(), 2 + 3);
+        assert_eq!(net.len(), 7);
+        assert!(calls.is_empty());
+        // A snapshot weighs several times its size: one alone fills a turn.
+        let snapshot = Message::Snapshot {
+            req: 1,
+            doc: DocId::from_bytes([1; 32]),
+            envelope: Vec::new(),
+        };
+        let mut net: VecDeque<Input> =
+            VecDeque::from([received(snapshot, 20 << 10), envelopes(1 << 10)]);
+        assert_eq!(next_turn(&mut calls, &mut net).len(), 1);
+        assert_eq!(net.len(), 1);
+        // Many calls are split over turns.
+        let mut calls: VecDeque<Input> =
+            (0..MAX_INPUTS_PER_TURN + 5).map(|_| Input::Tick).collect();
+        assert_eq!(next_turn(&mut calls, &mut net).len(), MAX_INPUTS_PER_TURN);
+        assert_eq!((calls.len(), net.len()), (5, 1));
     }
 }
