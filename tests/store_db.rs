@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use roamsync::ids::{AccountId, ConversationId, DocAddr};
+use roamsync::ids::{AccountId, ConversationId, DeviceId, DocAddr};
 use roamsync::store::{Durability, SealError, StorageKey, Store, StoreError};
 
 fn key(b: u8) -> StorageKey {
@@ -185,7 +185,7 @@ fn newer_schema_is_refused() {
         open(&path, 1),
         Err(StoreError::SchemaTooNew {
             found: 99,
-            supported: 3
+            supported: 4
         })
     ));
 }
@@ -201,6 +201,7 @@ fn no_plaintext_in_the_files() {
         tx.append_chunk(&seg, marker)?;
         tx.put_summary(&CONV, marker)?;
         tx.push_outbox(marker)?;
+        tx.archive(&seg, &DeviceId::from_bytes([0x5a; 32]), (1, 2), marker)?;
         tx.put_setting("x", marker)
     })
     .unwrap();
@@ -211,6 +212,7 @@ fn no_plaintext_in_the_files() {
         assert!(!bytes.windows(marker.len()).any(|w| w == marker));
         // Ids are not stored in the clear either: only keyed hashes of them.
         assert!(!bytes.windows(16).any(|w| w == CONV.as_bytes()));
+        assert!(!bytes.windows(32).any(|w| w == [0x5a; 32]));
     }
     assert!(scanned > 4096, "the scan read the database and its WAL");
 }
@@ -294,4 +296,48 @@ fn an_older_schema_is_migrated() {
     })
     .unwrap();
     assert_eq!(s.doc_keys().unwrap().len(), 1);
+}
+
+#[test]
+fn archived_envelopes_are_kept_once_and_read_past_a_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    let seg = DocAddr::Segment(CONV, 0);
+    let meta = DocAddr::Meta(CONV);
+    let (a, b) = (DeviceId::from_bytes([1; 32]), DeviceId::from_bytes([2; 32]));
+    {
+        let mut s = open(&path, 1).unwrap();
+        let added = s
+            .write(|tx| {
+                Ok([
+                    tx.archive(&seg, &a, (4, 6), b"a4-6")?,
+                    tx.archive(&seg, &a, (1, 3), b"a1-3")?,
+                    tx.archive(&seg, &a, (7, 7), b"a7")?,
+                    tx.archive(&seg, &b, (1, 1), b"b1")?,
+                    tx.archive(&meta, &a, (1, 1), b"meta")?,
+                    // The same start again: kept as it was.
+                    tx.archive(&seg, &a, (4, 6), b"other")?,
+                ])
+            })
+            .unwrap();
+        assert_eq!(added, [true, true, true, true, true, false]);
+    }
+    let s = open(&path, 1).unwrap();
+    let firsts = |after| -> Vec<(u64, u64, Vec<u8>)> { s.archived_after(&seg, &a, after).unwrap() };
+    assert_eq!(
+        firsts(0),
+        vec![
+            (1, 3, b"a1-3".to_vec()),
+            (4, 6, b"a4-6".to_vec()),
+            (7, 7, b"a7".to_vec())
+        ]
+    );
+    // An envelope reaching past the version is included even if it starts before it.
+    assert_eq!(firsts(5).iter().map(|e| e.0).collect::<Vec<_>>(), vec![4, 7]);
+    assert!(firsts(7).is_empty());
+    assert_eq!(s.archived_after(&seg, &b, 0).unwrap().len(), 1);
+    assert_eq!(s.archived_after(&meta, &a, 0).unwrap()[0].2, b"meta");
+    // Another storage key finds nothing it can open.
+    drop(s);
+    assert!(matches!(open(&path, 2), Err(StoreError::WrongStorageKey)));
 }

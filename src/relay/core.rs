@@ -622,6 +622,8 @@ fn message_name(msg: &Message) -> &'static str {
         Message::GroupUpdates { .. } => "GroupUpdates",
         Message::PairRequested { .. } => "PairRequested",
         Message::PairAnswered { .. } => "PairAnswered",
+        Message::PeerHello { .. } => "PeerHello",
+        Message::PeerSync { .. } => "PeerSync",
         Message::Error { .. } => "Error",
     }
 }

@@ -18,7 +18,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::crypto::device_log::{DeviceLog, DeviceLogEntry};
 use crate::crypto::identity::DeviceSecret;
 use crate::crypto::keys::{DocKey, KeyEpoch};
-use crate::ids::{ConversationId, DocAddr, DocAddrError, DocId};
+use crate::ids::{ConversationId, DeviceId, DocAddr, DocAddrError, DocId};
 use crate::store::seal::{SealError, Sealer, StorageKey};
 
 /// Schema version this code writes; older files are migrated on open.
@@ -81,6 +81,17 @@ pub const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
     // 2 -> 3: each document's version vector, so a sync can start without loading documents.
     "ALTER TABLE docs ADD COLUMN vv BLOB;",
+    // 3 -> 4: sealed envelopes kept to serve devices met directly, one row per (document,
+    // author device, first change). The author is a keyed lookup; the range is in the clear so
+    // that "what comes after n" is an index scan.
+    "CREATE TABLE archive (
+         doc    BLOB NOT NULL,
+         author BLOB NOT NULL,
+         first  INTEGER NOT NULL,
+         last   INTEGER NOT NULL,
+         data   BLOB NOT NULL,
+         PRIMARY KEY (doc, author, first)
+     ) WITHOUT ROWID;",
 ];
 
 /// How hard a commit waits for the disk.
@@ -543,6 +554,35 @@ impl Store {
             .transpose()
     }
 
+    /// Archived envelopes of `author`'s changes to `addr` that reach past `after` (its last
+    /// change number another device holds), in change order: `(first, last, envelope)`.
+    pub fn archived_after(
+        &self,
+        addr: &DocAddr,
+        author: &DeviceId,
+        after: u64,
+    ) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
+        let doc = doc_lookup(&self.sealer, addr);
+        let who = author_lookup(&self.sealer, author);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT first, last, data FROM archive
+             WHERE doc = ?1 AND author = ?2 AND last > ?3 ORDER BY first",
+        )?;
+        let mut rows = stmt.query(params![doc, who, after as i64])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let (first, last): (i64, i64) = (r.get(0)?, r.get(1)?);
+            let data: Vec<u8> = r.get(2)?;
+            let aad = archive_aad(&doc, &who, first);
+            out.push((
+                first as u64,
+                last as u64,
+                open(&self.sealer, "archived envelope", &aad, &data)?,
+            ));
+        }
+        Ok(out)
+    }
+
     /// Every stored document key: document, epoch and key.
     pub fn doc_keys(&self) -> Result<Vec<(DocId, KeyEpoch, DocKey)>, StoreError> {
         let mut stmt = self
@@ -784,6 +824,30 @@ impl StoreTx<'_> {
         Ok(())
     }
 
+    /// Archives an envelope of `author`'s changes `first..=last` to `addr`; `false` if one
+    /// starting at `first` was archived before (it is kept as it was).
+    pub fn archive(
+        &mut self,
+        addr: &DocAddr,
+        author: &DeviceId,
+        (first, last): (u64, u64),
+        envelope: &[u8],
+    ) -> Result<bool, StoreError> {
+        let doc = doc_lookup(self.sealer, addr);
+        let who = author_lookup(self.sealer, author);
+        let sealed = self
+            .sealer
+            .seal(&archive_aad(&doc, &who, first as i64), envelope);
+        let added = self
+            .tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO archive (doc, author, first, last, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![doc, who, first as i64, last as i64, sealed])?;
+        Ok(added == 1)
+    }
+
     /// Keeps a received envelope for forwarding to peers; returns its id.
     pub fn push_received(&mut self, envelope: &[u8]) -> Result<i64, StoreError> {
         self.push_queue("received", envelope)
@@ -884,6 +948,16 @@ fn doc_lookup(sealer: &Sealer, addr: &DocAddr) -> [u8; 32] {
     let mut plain = Vec::with_capacity(addr.encoded_len());
     addr.encode_into(&mut plain);
     sealer.lookup("doc", &plain)
+}
+
+fn author_lookup(sealer: &Sealer, device: &DeviceId) -> [u8; 32] {
+    sealer.lookup("author", device.as_bytes())
+}
+
+fn archive_aad(doc: &[u8], author: &[u8], first: i64) -> Vec<u8> {
+    let mut both = doc.to_vec();
+    both.extend_from_slice(author);
+    tagged("archive", &both, Some(first))
 }
 
 fn conv_lookup(sealer: &Sealer, conversation: &ConversationId) -> [u8; 32] {

@@ -20,7 +20,7 @@ use crate::crypto::device_log::{DeviceLog, DeviceLogEntry, DeviceLogError, Entry
 use crate::crypto::envelope::{EnvelopeError, MAX_ENVELOPE_BYTES, SealedEnvelope};
 use crate::crypto::group::{GroupError, GroupUpdate, MAX_GROUP_UPDATE_BYTES};
 use crate::crypto::pairing::{PairRequest, PairResponse, PairingError};
-use crate::ids::{AccountId, DocId};
+use crate::ids::{AccountId, DeviceId, DocId};
 use crate::wire::codec::{CodecError, Reader, Writer};
 use crate::wire::frame::ErrorCode;
 
@@ -43,6 +43,14 @@ pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
 pub const MAX_DATAGRAM_BYTES: usize = 1150;
 /// Length of a pairing rendezvous id.
 pub const RENDEZVOUS_LEN: usize = 32;
+/// Most documents in one `PeerSync`.
+pub const MAX_SYNC_DOCS: usize = 4 * 1024;
+/// Most devices in one document's version vector in a `PeerSync` (devices that ever wrote to
+/// the document).
+pub const MAX_VERSION_ENTRIES: usize = 1024;
+/// Most version-vector bytes a sender packs into one `PeerSync` (more documents go in further
+/// messages).
+pub const TARGET_SYNC_BYTES: usize = 256 * 1024;
 
 const fn max(a: usize, b: usize) -> usize {
     if a > b { a } else { b }
@@ -133,6 +141,23 @@ pub struct StoredEnvelope {
     pub prev: u64,
     /// The encoded sealed envelope, decoded and checked by the device.
     pub envelope: Vec<u8>,
+}
+
+/// One document in a [`Message::PeerSync`]: what the asking device holds of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocVersion {
+    /// The document.
+    pub doc: DocId,
+    /// Its version vector: for each device that wrote to it, the number of that device's
+    /// changes held (changes of one device form a contiguous sequence from 1).
+    pub held: Vec<(DeviceId, u64)>,
+}
+
+impl DocVersion {
+    /// Encoded size: doc, count, entries.
+    pub fn encoded_len(&self) -> usize {
+        32 + 4 + self.held.len() * 40
+    }
 }
 
 /// A protocol message.
@@ -252,6 +277,25 @@ pub enum Message {
         /// The response.
         response: PairResponse,
     },
+    /// Device → device, first message on a direct connection, both ways: who the sender is.
+    /// The sender's device is the TLS key; `entries` are its account's whole device log, which
+    /// the other side verifies and checks the device is current in.
+    PeerHello {
+        /// The sender's account.
+        account: AccountId,
+        /// The account's device log from genesis.
+        entries: Vec<DeviceLogEntry>,
+    },
+    /// Device → device: what the sender holds of these documents. The other side answers with
+    /// `Envelopes` (and, to a device of its own account, `Snapshot`s) carrying what the sender
+    /// lacks of the documents it shares with it, then `Done`; documents it does not share are
+    /// left out of the answer.
+    PeerSync {
+        /// Request id.
+        req: u32,
+        /// The documents.
+        docs: Vec<DocVersion>,
+    },
     /// Relay → device: answer to `Hello`.
     HelloOk {
         /// Request id.
@@ -362,6 +406,8 @@ mod tag {
     pub const PAIR_JOIN: u8 = 0x19;
     pub const PAIR_ANSWER: u8 = 0x1a;
     pub const PUT_SNAPSHOT: u8 = 0x1b;
+    pub const PEER_SYNC: u8 = 0x1c;
+    pub const PEER_HELLO: u8 = 0x1d;
     pub const HELLO_OK: u8 = 0x30;
     pub const DONE: u8 = 0x31;
     pub const ACK: u8 = 0x32;
@@ -411,6 +457,7 @@ impl Message {
             | Message::PairJoin { req, .. }
             | Message::PairAnswer { req, .. }
             | Message::PutSnapshot { req, .. }
+            | Message::PeerSync { req, .. }
             | Message::Snapshot { req, .. }
             | Message::HelloOk { req, .. }
             | Message::Done { req }
@@ -419,7 +466,9 @@ impl Message {
             | Message::LogEntries { req, .. }
             | Message::GroupUpdates { req, .. }
             | Message::Error { req, .. } => *req,
-            Message::PairRequested { .. } | Message::PairAnswered { .. } => 0,
+            Message::PairRequested { .. }
+            | Message::PairAnswered { .. }
+            | Message::PeerHello { .. } => 0,
         }
     }
 
@@ -545,6 +594,22 @@ impl Message {
                     .put(rendezvous)
                     .bytes_u32(&response.encode());
             }
+            Message::PeerHello { account, entries } => {
+                w.u8(tag::PEER_HELLO)
+                    .put(account.as_bytes())
+                    .put(&DeviceLog::encode_entries(entries));
+            }
+            Message::PeerSync { req, docs } => {
+                w.u8(tag::PEER_SYNC).u32(*req);
+                put_len(&mut w, docs.len());
+                for d in docs {
+                    w.put(d.doc.as_bytes());
+                    put_len(&mut w, d.held.len());
+                    for (device, n) in &d.held {
+                        w.put(device.as_bytes()).u64(*n);
+                    }
+                }
+            }
             Message::HelloOk {
                 req,
                 log_len,
@@ -650,6 +715,9 @@ impl Message {
                 64 + items.iter().map(|i| 20 + i.envelope.len()).sum::<usize>()
             }
             Message::Subscribe { items, .. } => 16 + items.len() * SUBSCRIPTION_BYTES,
+            Message::PeerSync { docs, .. } => {
+                16 + docs.iter().map(DocVersion::encoded_len).sum::<usize>()
+            }
             _ => 256,
         }
     }
@@ -739,6 +807,25 @@ impl Message {
                 rendezvous: r.array()?,
                 response: PairResponse::decode(r.bytes_u32("response", MAX_MESSAGE_BYTES)?)?,
             },
+            tag::PEER_HELLO => Message::PeerHello {
+                account: AccountId::from_bytes(r.array()?),
+                entries: DeviceLog::decode_entries(r.take(r.remaining())?)?,
+            },
+            tag::PEER_SYNC => {
+                let req = request_id(&mut r)?;
+                let n = count(&mut r, "documents", MAX_SYNC_DOCS)?;
+                let mut docs = Vec::with_capacity(n.min(r.remaining() / 36));
+                for _ in 0..n {
+                    let doc = DocId::from_bytes(r.array()?);
+                    let m = count(&mut r, "version entries", MAX_VERSION_ENTRIES)?;
+                    let mut held = Vec::with_capacity(m.min(r.remaining() / 40));
+                    for _ in 0..m {
+                        held.push((DeviceId::from_bytes(r.array()?), r.u64()?));
+                    }
+                    docs.push(DocVersion { doc, held });
+                }
+                Message::PeerSync { req, docs }
+            }
             tag::HELLO_OK => {
                 let req = request_id(&mut r)?;
                 let log_len = r.u32()?;

@@ -181,6 +181,23 @@ fn build_samples() -> Vec<Message> {
             rendezvous,
             response,
         },
+        Message::PeerHello {
+            account,
+            entries: log.entries().to_vec(),
+        },
+        Message::PeerSync {
+            req: 9,
+            docs: vec![
+                DocVersion {
+                    doc,
+                    held: vec![(a.device_id(), 3), (joiner.device_id(), u64::MAX)],
+                },
+                DocVersion {
+                    doc: addr.doc_id(),
+                    held: Vec::new(),
+                },
+            ],
+        },
         Message::Error {
             req: 7,
             code: ErrorCode::UNAUTHORISED,
@@ -233,6 +250,20 @@ fn request_ids_and_lists_are_checked() {
             ..
         })
     ));
+    // So is a version vector longer than any document has.
+    let mut w = Writer::default();
+    w.u8(tag::PEER_SYNC)
+        .u32(1)
+        .u32(1)
+        .put(&[0; 32])
+        .u32(MAX_VERSION_ENTRIES as u32 + 1);
+    assert!(matches!(
+        Message::decode(&w.into_bytes()),
+        Err(MessageError::TooMany {
+            field: "version entries",
+            ..
+        })
+    ));
     assert!(matches!(
         Message::decode(&[0xee]),
         Err(MessageError::UnknownTag { tag: 0xee })
@@ -282,7 +313,7 @@ fn datagrams_round_trip() {
 
 proptest! {
     #[test]
-    fn mutated_messages_never_panic(idx in 0usize..22, pos in any::<usize>(), byte in any::<u8>()) {
+    fn mutated_messages_never_panic(idx in 0usize..24, pos in any::<usize>(), byte in any::<u8>()) {
         let mut bytes = samples()[idx].encode();
         let p = pos % bytes.len();
         bytes[p] = byte;
