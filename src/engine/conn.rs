@@ -19,6 +19,9 @@ pub const BACKOFF_MAX_MS: u64 = 10_000;
 /// A connection that lasted this long resets the backoff; one that ended sooner (a relay that
 /// refuses this device right after the handshake, say) keeps backing off.
 pub const BACKOFF_RESET_AFTER_MS: u64 = 10_000;
+/// QUIC application close code of a connection refused by the other side (its reason is the
+/// close frame's text).
+pub const REFUSED_CLOSE_CODE: u32 = 1;
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
@@ -63,7 +66,7 @@ impl Traffic {
     }
 }
 
-fn jitter() -> u32 {
+pub(crate) fn jitter() -> u32 {
     let mut b = [0u8; 4];
     // Jitter needs no secrecy; a failure leaves it at zero (the shortest delay of the range).
     let _ = getrandom::fill(&mut b);
@@ -121,7 +124,6 @@ async fn session(
     meters: &Meters,
     attempt: &mut u32,
 ) -> Result<(), NetError> {
-    let (traffic, queue) = (&*meters.traffic, &meters.queue);
     let conn = tokio::time::timeout(
         Duration::from_millis(CONNECT_TIMEOUT_MS),
         connect(endpoint, identity, relay),
@@ -132,7 +134,7 @@ async fn session(
     })??;
     let (send, recv) = conn.open_bi().await.map_err(NetError::Connection)?;
     let connected_at = std::time::Instant::now();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
     if worker
         .send(Input::Net(NetEvent::Connected {
             relay: index,
@@ -142,6 +144,45 @@ async fn session(
     {
         return Ok(());
     }
+    let result = pump(
+        &conn,
+        (send, recv),
+        out_rx,
+        worker,
+        meters,
+        |msg, held| {
+            Input::Net(NetEvent::Message {
+                relay: index,
+                msg: Box::new(msg),
+                held,
+            })
+        },
+        |bytes| Input::Net(NetEvent::Datagram {
+            relay: index,
+            bytes,
+        }),
+    )
+    .await;
+    if connected_at.elapsed() >= Duration::from_millis(BACKOFF_RESET_AFTER_MS) {
+        *attempt = 0;
+    }
+    conn.close(0u32.into(), b"bye");
+    result
+}
+
+/// Moves frames between one connection's stream and the worker until either side ends: what
+/// the worker queues on `out_rx` is written; what arrives is handed over as `message(msg,
+/// held)` (holding its share of the receive budget) and `datagram(bytes)`.
+pub(crate) async fn pump(
+    conn: &quinn::Connection,
+    (send, recv): (quinn::SendStream, quinn::RecvStream),
+    mut out_rx: mpsc::UnboundedReceiver<Outgoing>,
+    worker: &mpsc::UnboundedSender<Input>,
+    meters: &Meters,
+    message: impl Fn(crate::wire::message::Message, Received) -> Input,
+    datagram: impl Fn(Vec<u8>) -> Input,
+) -> Result<(), NetError> {
+    let (traffic, queue) = (&*meters.traffic, &meters.queue);
     let mut framed_send = FramedSend::new(send);
     let mut framed_recv = FramedRecv::new(recv);
     let writer_conn = conn.clone();
@@ -162,6 +203,12 @@ async fn session(
                     }
                 }
                 Outgoing::Reconnect => return Ok(()),
+                Outgoing::Close(reason) => {
+                    // The reason travels in QUIC's CONNECTION_CLOSE, which the peer reads
+                    // even if frames queued before it are lost.
+                    writer_conn.close(REFUSED_CLOSE_CODE.into(), reason.as_bytes());
+                    return Ok(());
+                }
             }
         }
         Ok::<(), NetError>(())
@@ -181,22 +228,16 @@ async fn session(
                         .acquire_many_owned(queue_permits(bytes))
                         .await
                         .ok();
-                    if worker
-                        .send(Input::Net(NetEvent::Message {
-                            relay: index,
-                            msg: Box::new(msg),
-                            held: Received {
-                                bytes,
-                                _permit: permit,
-                            },
-                        }))
-                        .is_err()
-                    {
+                    let held = Received {
+                        bytes,
+                        _permit: permit,
+                    };
+                    if worker.send(message(msg, held)).is_err() {
                         return Ok(());
                     }
                 }
                 Some(other) => {
-                    tracing::debug!(frame = ?other.frame_type(), "ignored frame from relay");
+                    tracing::debug!(frame = ?other.frame_type(), "ignored frame");
                 }
                 None => return Ok::<(), NetError>(()),
             }
@@ -206,27 +247,16 @@ async fn session(
         loop {
             let bytes = conn.read_datagram().await.map_err(NetError::Connection)?;
             traffic.add_received(bytes.len() as u64);
-            if worker
-                .send(Input::Net(NetEvent::Datagram {
-                    relay: index,
-                    bytes: bytes.to_vec(),
-                }))
-                .is_err()
-            {
+            if worker.send(datagram(bytes.to_vec())).is_err() {
                 return Ok::<(), NetError>(());
             }
         }
     };
-    let result = tokio::select! {
+    tokio::select! {
         r = writer => r,
         r = reader => r,
         r = datagrams => r,
-    };
-    if connected_at.elapsed() >= Duration::from_millis(BACKOFF_RESET_AFTER_MS) {
-        *attempt = 0;
     }
-    conn.close(0u32.into(), b"bye");
-    result
 }
 
 /// Permits of the receive budget (one per KiB, see [`MAX_RECEIVED_BYTES_QUEUED`]) a message of

@@ -27,6 +27,7 @@
 //! ```
 
 mod conn;
+mod direct;
 mod session;
 mod state;
 mod worker;
@@ -56,16 +57,16 @@ use crate::store::seal::StorageKey;
 use crate::wire::frame::{ErrorCode, Frame};
 use crate::wire::message::Message as WireMessage;
 
-pub use conn::{BACKOFF_MAX_MS, BACKOFF_START_MS, backoff_ms};
+pub use conn::{BACKOFF_MAX_MS, BACKOFF_START_MS, REFUSED_CLOSE_CODE, backoff_ms};
 pub use session::FETCH_LIMIT;
 pub use worker::{
     CATCH_UP_EVENT_MS, HEARTBEAT_MS, INVITE_TTL_MS, MAX_APPENDS_IN_FLIGHT, MAX_BLOCKED_RETRIES,
     MAX_INPUTS_PER_TURN, MAX_RECEIVED_BYTES_QUEUED, MAX_SNAPSHOTS_PER_TICK,
-    RECEIVED_BYTES_PER_TURN, SILENT_RELAY_MS, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_APPLY_WEIGHT,
+    PEER_SNAPSHOT_AFTER_CHANGES, RECEIVED_BYTES_PER_TURN, SILENT_RELAY_MS, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_APPLY_WEIGHT,
     SNAPSHOT_FORMAT_VERSION, SNAPSHOT_TICK_BUDGET_MS,
 };
 
-use worker::{Input, Worker};
+use worker::{Dialer, Input, Worker};
 
 /// Events buffered per subscriber before the slowest one starts losing them (it then gets
 /// `RecvError::Lagged` and should re-read state).
@@ -110,6 +111,52 @@ pub struct EngineConfig {
     /// Changes held of a document past this device's last snapshot of it on a relay after
     /// which it uploads a new one ([`SNAPSHOT_AFTER_CHANGES`] by default); `None`: never.
     pub snapshot_after_changes: Option<u64>,
+    /// Direct sync with other devices, without a relay; `None` (the default): off.
+    pub direct: Option<DirectConfig>,
+}
+
+/// Direct sync: devices that can reach each other (same LAN, or any address) sync with no
+/// relay in between. With it on, the device keeps every envelope it accepts (sealed, in its
+/// store) to serve peers, and passes what a peer gave it on to the relays.
+#[derive(Clone, Debug, Default)]
+pub struct DirectConfig {
+    /// Accept direct connections on this UDP address (port 0: any free port; see
+    /// [`Engine::listen_addr`]). `None`: only dial out. The engine's connections to relays
+    /// then leave from the same address.
+    pub listen: Option<SocketAddr>,
+    /// Devices to keep a direct connection with, as `<device key>@host:port`.
+    pub peers: Vec<PeerAddr>,
+}
+
+/// An invitation to link a new device over a direct connection, for a QR code: the pairing
+/// code and where the inviting device listens. Its text form is `<code>/<device key>@host:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectInvite {
+    /// The pairing code (as [`Engine::invite_device`] shows it).
+    pub code: String,
+    /// The inviting device.
+    pub addr: PeerAddr,
+}
+
+impl std::fmt::Display for DirectInvite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.code, self.addr)
+    }
+}
+
+impl std::str::FromStr for DirectInvite {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (code, addr) = s.trim().split_once('/').ok_or(EngineError::Mismatch {
+            what: "invitation text (`<code>/<device key>@host:port`)",
+        })?;
+        let addr: PeerAddr = addr.parse().map_err(NetError::BadAddress)?;
+        Ok(DirectInvite {
+            code: code.to_owned(),
+            addr,
+        })
+    }
 }
 
 impl EngineConfig {
@@ -127,6 +174,7 @@ impl EngineConfig {
             store: StoreConfig::default(),
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             snapshot_after_changes: Some(SNAPSHOT_AFTER_CHANGES),
+            direct: None,
         }
     }
 }
@@ -197,11 +245,32 @@ pub struct RelayStatus {
     pub bytes_sent: u64,
 }
 
+/// One direct connection's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The device on the other end.
+    pub device: DeviceId,
+    /// Its network address.
+    pub addr: String,
+    /// Whether it connected to this device.
+    pub inbound: bool,
+    /// Whether its hello was accepted (until then it sees nothing).
+    pub accepted: bool,
+    /// What this device asked of it and how much has come.
+    pub catch_up: CatchUpProgress,
+    /// Bytes received on this connection.
+    pub bytes_received: u64,
+    /// Bytes sent on this connection.
+    pub bytes_sent: u64,
+}
+
 /// Sync status for the app's indicator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncStatus {
     /// Each relay.
     pub relays: Vec<RelayStatus>,
+    /// Each direct connection with another device.
+    pub peers: Vec<PeerStatus>,
     /// Envelopes stored here that not every relay has acknowledged yet.
     pub pending_uploads: usize,
     /// Documents this device started from a relay's snapshot since it was opened.
@@ -284,6 +353,23 @@ pub enum Event {
         relay: String,
         /// Where it is.
         progress: CatchUpProgress,
+    },
+    /// A direct connection's catch-up moved on (the documents this device asked the peer
+    /// about: stage, documents answered of those asked, envelopes and bytes received). A device
+    /// linked directly follows its history arriving with these.
+    PeerCatchUp {
+        /// The peer device.
+        device: DeviceId,
+        /// Where it is.
+        progress: CatchUpProgress,
+    },
+    /// A direct connection was refused, by this device (a stranger, a revoked device) or by the
+    /// peer (its reason).
+    PeerRefused {
+        /// The peer device.
+        device: DeviceId,
+        /// Why.
+        reason: String,
     },
     /// A relay refused a request.
     RelayError {
@@ -389,6 +475,9 @@ pub enum EngineError {
     /// The engine was shut down.
     #[error("the engine is shut down")]
     Closed,
+    /// The call needs direct sync ([`EngineConfig::direct`]), which is off.
+    #[error("direct sync is off: set EngineConfig::direct")]
+    DirectOff,
     /// The store could not commit the operation: it is in memory but may be lost on restart.
     #[error("the operation could not be stored: {text}")]
     NotDurable {
@@ -409,6 +498,7 @@ pub struct Engine {
     worker: Option<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     endpoint: quinn::Endpoint,
+    listen_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -518,6 +608,35 @@ impl Engine {
         device_name: &str,
     ) -> Result<Engine, EngineError> {
         let relay = config.relays.first().cloned().ok_or(EngineError::Offline)?;
+        Self::link_through(config, relay, code, device_name).await
+    }
+
+    /// Links this (new) device to an existing account over a direct connection with the
+    /// inviting device, no relay needed: `invite` is what [`Engine::invite_device_direct`]
+    /// showed. The log and every key arrive protected by the code, then the whole history
+    /// comes from the inviting device directly ([`Event::PeerCatchUp`] reports its progress),
+    /// and from relays, if `config` names any. Turns direct sync on, with the inviting device
+    /// as a peer.
+    pub async fn link_direct(
+        mut config: EngineConfig,
+        invite: &DirectInvite,
+        device_name: &str,
+    ) -> Result<Engine, EngineError> {
+        let direct = config.direct.get_or_insert_with(DirectConfig::default);
+        if !direct.peers.contains(&invite.addr) {
+            direct.peers.push(invite.addr.clone());
+        }
+        Self::link_through(config, invite.addr.clone(), &invite.code, device_name).await
+    }
+
+    /// Runs the joining side of pairing through `via` (a relay forwarding to the inviter, or
+    /// the inviter itself), then creates the store and starts the engine.
+    async fn link_through(
+        config: EngineConfig,
+        via: PeerAddr,
+        code: &str,
+        device_name: &str,
+    ) -> Result<Engine, EngineError> {
         let mut rng = os_rng()?;
         let secret = DeviceSecret::generate(&mut rng);
         let (mut join, request) = PairingJoin::start(
@@ -530,7 +649,7 @@ impl Engine {
         )?;
         let identity = Identity::from_device(&secret)?;
         let endpoint = crate::net::client_endpoint(config.bind)?;
-        let conn = crate::net::connect(&endpoint, &identity, &relay).await?;
+        let conn = crate::net::connect(&endpoint, &identity, &via).await?;
         let (send, recv) = conn.open_bi().await.map_err(NetError::Connection)?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         let rendezvous = join.rendezvous();
@@ -631,16 +750,46 @@ impl Engine {
         let device = worker.device();
         let identity = Arc::new(Identity::from_device(&worker.secret)?);
         let traffic = worker.relay_traffic();
-        let endpoint = crate::net::client_endpoint(config.bind)?;
+        let listen = config.direct.as_ref().and_then(|d| d.listen);
+        // A listening device's connections out (to relays, to peers) leave from the same
+        // endpoint, so a peer behind the same NAT mapping can be reached back.
+        let endpoint = match listen {
+            Some(addr) => crate::net::server_endpoint(&identity, addr)?,
+            None => crate::net::client_endpoint(config.bind)?,
+        };
+        let listen_addr = match listen {
+            Some(_) => Some(
+                endpoint
+                    .local_addr()
+                    .map_err(|source| NetError::Bind {
+                        addr: listen.unwrap_or(config.bind),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let queue = conn::receive_budget();
+        if let Some(direct) = &config.direct {
+            worker.enable_direct(Dialer {
+                runtime: tokio::runtime::Handle::current(),
+                identity: Arc::clone(&identity),
+                endpoint: endpoint.clone(),
+                worker: tx.clone(),
+                queue: Arc::clone(&queue),
+                stop: stop_rx.clone(),
+            });
+            for peer in &direct.peers {
+                worker.connect_peer(peer.clone());
+            }
+        }
         // Subscribed before the worker runs: the first `events()` call misses nothing.
         let first_events = std::sync::Mutex::new(Some(events.subscribe()));
         let handle = std::thread::Builder::new()
             .name("roamsync-worker".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| EngineError::Randomness(format!("cannot start the worker thread: {e}")))?;
-        let (stop, stop_rx) = watch::channel(false);
-        let queue = conn::receive_budget();
         let mut tasks: Vec<tokio::task::JoinHandle<()>> = config
             .relays
             .iter()
@@ -661,6 +810,14 @@ impl Engine {
                 ))
             })
             .collect();
+        if listen.is_some() {
+            tasks.push(tokio::spawn(direct::listen(
+                endpoint.clone(),
+                tx.clone(),
+                Arc::clone(&queue),
+                stop_rx.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(tick(tx.clone(), stop_rx.clone())));
         Ok(Engine {
             tx,
@@ -672,7 +829,48 @@ impl Engine {
             worker: Some(handle),
             tasks,
             endpoint,
+            listen_addr,
         })
+    }
+
+    /// Where this device accepts direct connections (with [`DirectConfig::listen`]), with the
+    /// port actually bound.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen_addr
+    }
+
+    /// This device's direct address as other devices dial it, `<device key>@host:port`, with
+    /// `host` the address they reach this machine at (its LAN address, typically). `None` if
+    /// it does not listen.
+    pub fn direct_addr(&self, host: &str) -> Option<PeerAddr> {
+        self.listen_addr.map(|a| PeerAddr {
+            key: self.device,
+            host: host.to_owned(),
+            port: a.port(),
+        })
+    }
+
+    /// Keeps a direct connection with another device (reconnecting after it drops). Needs
+    /// [`EngineConfig::direct`]. The peer must be a device of this account or of an account
+    /// sharing a conversation with it; it sees only what it shares.
+    pub async fn connect_peer(&self, peer: PeerAddr) -> Result<(), EngineError> {
+        self.call(move |w| {
+            if w.dialer.is_none() {
+                return Err(EngineError::DirectOff);
+            }
+            w.connect_peer(peer);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stops the direct connection with `device` (and dialling it).
+    pub async fn forget_peer(&self, device: DeviceId) -> Result<(), EngineError> {
+        self.call(move |w| {
+            w.forget_peer(&device);
+            Ok(())
+        })
+        .await
     }
 
     /// This device's account.
@@ -987,6 +1185,16 @@ impl Engine {
                 ms: LOG_FETCH_TIMEOUT_MS,
             })?
             .map_err(|_| EngineError::Closed)?
+    }
+
+    /// Starts linking a new device over a direct connection, with no relay: returns the
+    /// invitation to show (a QR code of its text, typically) for [`Engine::link_direct`] on the
+    /// new device. `host` is the address the new device reaches this one at. Needs
+    /// [`DirectConfig::listen`]; this device must stay running until the new one has joined.
+    pub async fn invite_device_direct(&self, host: &str) -> Result<DirectInvite, EngineError> {
+        let addr = self.direct_addr(host).ok_or(EngineError::DirectOff)?;
+        let code = self.call(|w| w.invite_direct()).await?;
+        Ok(DirectInvite { code, addr })
     }
 
     /// Revokes a device of this account: relays refuse it at once.

@@ -23,8 +23,8 @@ use crate::engine::session::{
 };
 use crate::engine::state::{self, Group};
 use crate::engine::{
-    CatchUpProgress, CatchUpStage, ConnectionState, EngineError, Event, RelayStatus, SyncStatus,
-    now_ms,
+    CatchUpProgress, CatchUpStage, ConnectionState, EngineError, Event, PeerStatus, RelayStatus,
+    SyncStatus, now_ms,
 };
 use crate::ids::{AccountId, ConversationId, DeviceId, DocAddr, DocId};
 use crate::model::{ChangeBatch, MessageUpdate};
@@ -40,10 +40,12 @@ mod envelopes;
 mod groups;
 mod history;
 mod local;
+mod peers;
 mod relays;
 mod signals;
 mod snapshots;
 
+pub use peers::PEER_SNAPSHOT_AFTER_CHANGES;
 pub use snapshots::{
     MAX_SNAPSHOTS_PER_TICK, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_FORMAT_VERSION,
     SNAPSHOT_TICK_BUDGET_MS,
@@ -102,6 +104,31 @@ pub(crate) enum NetEvent {
     },
     /// A datagram arrived.
     Datagram { relay: usize, bytes: Vec<u8> },
+    /// A direct connection with another device is up (its TLS key is `device`); `link`
+    /// numbers it, `out` reaches it.
+    PeerConnected {
+        link: u64,
+        device: DeviceId,
+        addr: String,
+        inbound: bool,
+        out: mpsc::UnboundedSender<Outgoing>,
+        traffic: Arc<Traffic>,
+    },
+    /// A direct connection ended.
+    PeerGone { link: u64, reason: String },
+    /// A message arrived on a direct connection.
+    PeerMessage {
+        link: u64,
+        msg: Box<Message>,
+        held: Received,
+    },
+    /// A datagram arrived on a direct connection.
+    PeerDatagram { link: u64, bytes: Vec<u8> },
+    /// LAN discovery heard a device of this account at `addr`.
+    Discovered {
+        device: DeviceId,
+        addr: std::net::SocketAddr,
+    },
 }
 
 /// A received message's share of [`MAX_RECEIVED_BYTES_QUEUED`]: its size, and the permits
@@ -122,6 +149,8 @@ pub(crate) enum Outgoing {
     Datagram(Vec<u8>),
     /// Drop this connection and make a new one.
     Reconnect,
+    /// Close this connection, telling the other side why (a direct peer that was refused).
+    Close(String),
 }
 
 /// A call from the app, run on the worker.
@@ -183,7 +212,8 @@ struct OutboxItem {
 /// Envelopes of one document gathered in a turn.
 #[derive(Default)]
 struct Arrivals {
-    envelopes: Vec<Vec<u8>>,
+    /// Each envelope, with the direct connection it came from (`None`: a relay).
+    envelopes: Vec<(Vec<u8>, Option<u64>)>,
     /// (relay, cursor step) to store once applied.
     steps: Vec<(usize, CursorStep)>,
     /// Each relay's cursor before this turn, to go back to if an envelope cannot be opened yet.
@@ -228,7 +258,26 @@ pub(crate) struct Worker {
     offers: HashMap<[u8; 32], (String, CodeReply)>,
     /// Snapshots made, taken and distrusted.
     snapshots: snapshots::Snapshots,
+    /// Whether direct sync is on: envelopes are archived to serve peers.
+    direct: bool,
+    /// Direct connections, by link number.
+    peers: BTreeMap<u64, peers::Peer>,
+    /// Envelopes accepted this turn, archived with its commit.
+    archive_queue: Vec<peers::Archived>,
+    /// What starts connections to peers (set once the engine runs), and the peers dialled.
+    pub(crate) dialer: Option<Dialer>,
+    dialing: HashMap<DeviceId, (String, tokio::task::JoinHandle<()>)>,
     pub(crate) stopping: bool,
+}
+
+/// What the worker needs to start a direct connection task.
+pub(crate) struct Dialer {
+    pub runtime: tokio::runtime::Handle,
+    pub identity: Arc<crate::net::Identity>,
+    pub endpoint: quinn::Endpoint,
+    pub worker: mpsc::UnboundedSender<Input>,
+    pub queue: Arc<tokio::sync::Semaphore>,
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Keys of a group, for envelopes of any of its documents.
@@ -248,14 +297,21 @@ impl KeySource for GroupKeys<'_> {
 type Sealed = (DocAddr, u64, Vec<(DocId, SealedEnvelope)>);
 
 /// Writes sealed envelopes into the outbox and moves the sealed marks; returns the outbox rows.
+/// With `archive`, they are also archived to serve peers.
 fn write_sealed(
     tx: &mut crate::store::StoreTx<'_>,
     sealed: &[Sealed],
+    archive: bool,
 ) -> Result<Vec<i64>, crate::store::StoreError> {
     let mut ids = Vec::new();
     for (addr, own, envelopes) in sealed {
         for (_, env) in envelopes {
-            ids.push(tx.push_outbox(&env.encode())?);
+            let bytes = env.encode();
+            ids.push(tx.push_outbox(&bytes)?);
+            if archive {
+                let h = &env.header;
+                tx.archive(addr, &h.author, (h.first_seq, h.last_seq), &bytes)?;
+            }
         }
         tx.put_setting(&state::sealed_setting(&addr.doc_id()), &own.to_be_bytes())?;
     }
@@ -316,6 +372,11 @@ impl Worker {
             history_waiters: Vec::new(),
             offers: HashMap::new(),
             snapshots: snapshots::Snapshots::default(),
+            direct: false,
+            peers: BTreeMap::new(),
+            archive_queue: Vec::new(),
+            dialer: None,
+            dialing: HashMap::new(),
             stopping: false,
         };
         w.index_devices();
@@ -482,6 +543,13 @@ impl Worker {
                         self.gather(relay, req, doc, items, more, &mut arrivals);
                     }
                 }
+                Input::Net(NetEvent::PeerMessage { link, msg, .. })
+                    if matches!(*msg, Message::Envelopes { .. }) =>
+                {
+                    if let Message::Envelopes { doc, items, .. } = *msg {
+                        self.gather_direct(link, doc, items, &mut arrivals);
+                    }
+                }
                 other => {
                     // Keep order: what came before this input is applied first.
                     if !arrivals.is_empty() {
@@ -534,12 +602,27 @@ impl Worker {
         };
         let mut ids = Vec::new();
         let cursors = std::mem::take(&mut self.pending_cursors);
+        let archived = std::mem::take(&mut self.archive_queue);
+        let mut archive_done = Vec::new();
+        let direct = self.direct;
         let failed = self
             .replica
             .flush_with(|tx| {
-                ids = write_sealed(tx, &sealed)?;
+                ids = write_sealed(tx, &sealed, direct)?;
                 for (relay, addr, seq) in &cursors {
                     tx.set_cursor(relay, addr, *seq)?;
+                }
+                archive_done.clear();
+                for a in &archived {
+                    let added = tx.archive(&a.addr, &a.author, a.range, &a.bytes)?;
+                    // What a peer gave and this device did not hold goes to the relays too,
+                    // so it survives its author.
+                    let outbox = if added && a.from.is_some() {
+                        Some(tx.push_outbox(&a.bytes)?)
+                    } else {
+                        None
+                    };
+                    archive_done.push((added, outbox));
                 }
                 Ok(())
             })
@@ -551,6 +634,12 @@ impl Worker {
             self.emit(Event::StorageError { text: e.clone() });
         }
         if failed.is_none() {
+            let done = archived
+                .into_iter()
+                .zip(archive_done)
+                .map(|(a, (added, outbox))| (a, added, outbox))
+                .collect();
+            self.after_archived(done);
             self.record_sealed(sealed, ids);
             if let Err(e) = self.after_local() {
                 tracing::error!(error = %e, "sealing local changes failed");
@@ -582,6 +671,7 @@ impl Worker {
                     bytes_sent: r.traffic.sent(),
                 })
                 .collect(),
+            peers: self.peer_statuses(),
             pending_uploads: self.outbox.len(),
             snapshots_taken: self.snapshots.taken,
             snapshots_distrusted: self.snapshots.distrusted,
@@ -614,7 +704,9 @@ fn next_turn(calls: &mut VecDeque<Input>, net: &mut VecDeque<Input>) -> Vec<Inpu
 /// over); other events next to nothing.
 fn input_weight(input: &Input) -> usize {
     match input {
-        Input::Net(NetEvent::Message { msg, held, .. }) => match **msg {
+        Input::Net(
+            NetEvent::Message { msg, held, .. } | NetEvent::PeerMessage { msg, held, .. },
+        ) => match **msg {
             Message::Snapshot { .. } => held.bytes.saturating_mul(SNAPSHOT_APPLY_WEIGHT),
             _ => held.bytes,
         },

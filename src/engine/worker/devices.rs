@@ -37,6 +37,8 @@ impl Worker {
             for d in before.difference(&after) {
                 self.emit(Event::DeviceRevoked { device: *d });
             }
+            self.share_own_log();
+            self.drop_revoked_peers();
             if !self.log.is_current(&self.device()) {
                 tracing::warn!("this device was revoked");
             }
@@ -185,12 +187,35 @@ impl Worker {
         rendezvous: [u8; 32],
         request: crate::crypto::pairing::PairRequest,
     ) -> Result<(), EngineError> {
-        let Some(invite) = self.invites.get_mut(&rendezvous) else {
+        if !self.invites.contains_key(&rendezvous) {
             return Ok(());
-        };
+        }
+        let response = self.answer_pairing(rendezvous, &request)?;
+        self.request(relay, Pending::PairAnswer, |req| Message::PairAnswer {
+            req,
+            rendezvous,
+            response,
+        });
+        Ok(())
+    }
+
+    /// Answers a joiner of the invitation at `rendezvous` (through a relay or directly): adds
+    /// its device to this account's log, tells relays and peers, and returns the response that
+    /// carries the log and every key.
+    pub(super) fn answer_pairing(
+        &mut self,
+        rendezvous: [u8; 32],
+        request: &crate::crypto::pairing::PairRequest,
+    ) -> Result<crate::crypto::pairing::PairResponse, EngineError> {
+        let invite = self
+            .invites
+            .get_mut(&rendezvous)
+            .ok_or(EngineError::Mismatch {
+                what: "the pairing rendezvous and an open invitation",
+            })?;
         let before = self.log.len() as u32;
         let response = invite.handle_request(
-            &request,
+            request,
             now_ms(),
             &self.secret,
             &mut self.log,
@@ -212,15 +237,11 @@ impl Worker {
                 entries,
             });
         }
-        self.request(relay, Pending::PairAnswer, |req| Message::PairAnswer {
-            req,
-            rendezvous,
-            response,
-        });
+        self.share_own_log();
         self.emit(Event::DeviceLinked {
             device: request.device.device,
         });
-        Ok(())
+        Ok(response)
     }
 
     /// Revokes a device of this account and tells the relays, which refuse it at once.
@@ -241,6 +262,8 @@ impl Worker {
             });
         }
         self.emit(Event::DeviceRevoked { device });
+        self.share_own_log();
+        self.drop_revoked_peers();
         Ok(())
     }
 }

@@ -49,7 +49,8 @@ impl Worker {
             r.session.count_received(items.len() as u64, bytes as u64);
         }
         let a = arrivals.entry(doc).or_default();
-        a.envelopes.extend(items.into_iter().map(|i| i.envelope));
+        a.envelopes
+            .extend(items.into_iter().map(|i| (i.envelope, None)));
         a.steps.push((relay, step));
         if !a.before.iter().any(|(r, _)| *r == relay) {
             a.before.push((relay, before));
@@ -79,9 +80,14 @@ impl Worker {
             }
             let attempts = self.blocked.get(&doc).copied().unwrap_or(0);
             let mut not_yet = false;
-            for bytes in &a.envelopes {
+            for (bytes, from) in &a.envelopes {
                 match self.open_changes(&addr, bytes) {
-                    Ok(Some(batch)) => batches.push(batch),
+                    Ok(Some(batch)) => {
+                        if self.direct {
+                            self.queue_archive(&addr, bytes, *from);
+                        }
+                        batches.push(batch)
+                    }
                     Ok(None) => {}
                     Err(e) if is_not_yet(&e) && attempts < MAX_BLOCKED_RETRIES => {
                         tracing::debug!(?addr, error = %e, "envelope waits for a log or a key");
@@ -137,6 +143,22 @@ impl Worker {
         for relay in relays {
             self.update_live(relay);
         }
+    }
+
+    /// Queues an accepted envelope for the turn's archive.
+    fn queue_archive(&mut self, addr: &DocAddr, bytes: &[u8], from: Option<u64>) {
+        let Ok(env) = SealedEnvelope::decode(bytes) else {
+            return;
+        };
+        let h = env.header;
+        self.archive_queue.push(peers::Archived {
+            addr: *addr,
+            group: group_of(addr),
+            author: h.author,
+            range: (h.first_seq, h.last_seq),
+            bytes: bytes.to_vec(),
+            from,
+        });
     }
 
     /// Asks a relay for what opening envelopes of `addr` may lack: the device logs of the

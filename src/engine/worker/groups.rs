@@ -13,9 +13,11 @@ impl Worker {
         Ok(())
     }
 
+    /// Absorbs updates of `group` from a relay (`Some(index)`: what is missing is asked of it)
+    /// or a peer (`None`: a peer sends whole chains; a gap waits for the next).
     pub(super) fn on_group_updates(
         &mut self,
-        relay: usize,
+        relay: Option<usize>,
         group: DocId,
         updates: Vec<GroupUpdate>,
     ) -> Result<(), EngineError> {
@@ -33,7 +35,9 @@ impl Worker {
             if update.version as usize > have {
                 // A push after updates this device has not seen (added to an existing group,
                 // or a dropped push): fetch the chain from where it stands.
-                self.fetch_group(relay, group);
+                if let Some(relay) = relay {
+                    self.fetch_group(relay, group);
+                }
                 break;
             }
             let g = self.groups.entry(group).or_default();
@@ -82,6 +86,10 @@ impl Worker {
                 }
             }
             let members: Vec<AccountId> = update.members.clone();
+            if self.direct {
+                self.forward_group_to_peers(&update, None);
+            }
+            let g = self.groups.entry(group).or_default();
             g.updates.push(update);
             for m in members {
                 if m != self.log.account() && !self.logs.contains_key(&m) {
@@ -93,6 +101,9 @@ impl Worker {
         missing_logs.sort();
         missing_logs.dedup();
         for account in missing_logs {
+            let Some(relay) = relay else {
+                break;
+            };
             self.request(relay, Pending::FetchLog(account), |req| Message::FetchLog {
                 req,
                 account,
@@ -150,6 +161,9 @@ impl Worker {
         g.addr = Some(addr);
         g.updates.push(update.clone());
         self.save_groups()?;
+        if self.direct {
+            self.forward_group_to_peers(&update, None);
+        }
         for relay in self.live_relays() {
             let update = update.clone();
             self.request(relay, Pending::PostGroup { group, version }, |req| {

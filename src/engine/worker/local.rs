@@ -35,10 +35,11 @@ impl Worker {
         if sealed_now.is_empty() {
             return Ok(());
         }
+        let direct = self.direct;
         let ids = self
             .replica
             .store()
-            .write(|tx| write_sealed(tx, &sealed_now))?;
+            .write(|tx| write_sealed(tx, &sealed_now, direct))?;
         self.record_sealed(sealed_now, ids);
         Ok(())
     }
@@ -98,6 +99,9 @@ impl Worker {
         for (addr, own, envelopes) in sealed_now {
             self.sealed.insert(addr, own);
             for (group, envelope) in envelopes {
+                if self.direct {
+                    self.forward_to_peers(&addr, &envelope.encode(), None);
+                }
                 if let Some(id) = ids.next() {
                     fresh.push((id, group, envelope.clone()));
                     self.outbox.insert(

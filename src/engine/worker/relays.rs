@@ -70,6 +70,22 @@ impl Worker {
                     tracing::warn!(relay, error = %e, "relay message not handled");
                 }
             }
+            NetEvent::PeerConnected {
+                link,
+                device,
+                addr,
+                inbound,
+                out,
+                traffic,
+            } => self.on_peer_connected(link, device, addr, inbound, out, traffic),
+            NetEvent::PeerGone { link, reason } => self.on_peer_gone(link, &reason),
+            NetEvent::PeerMessage { link, msg, .. } => self.on_peer_message(link, *msg),
+            NetEvent::PeerDatagram { link, bytes } => {
+                if !self.on_datagram(&bytes) {
+                    tracing::debug!(link, len = bytes.len(), "datagram from a peer dropped");
+                }
+            }
+            NetEvent::Discovered { device, addr } => self.on_discovered(device, addr),
         }
     }
 
@@ -156,7 +172,7 @@ impl Worker {
                 done
             }
             Message::GroupUpdates { group, updates, .. } => {
-                let done = self.on_group_updates(relay, group, updates);
+                let done = self.on_group_updates(Some(relay), group, updates);
                 if matches!(pending, Some(Pending::FetchGroup(_))) {
                     self.retry_blocked();
                     self.update_live(relay);
@@ -379,6 +395,7 @@ impl Worker {
         for relay in self.live_relays() {
             self.subscribe(relay, addrs);
         }
+        self.sync_with_peers(addrs);
     }
 
     /// Offers a relay the outbox envelopes it has not acknowledged and that are not in flight,

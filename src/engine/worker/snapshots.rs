@@ -233,28 +233,10 @@ impl Worker {
         covers: u64,
         changes: u64,
     ) -> Result<bool, EngineError> {
-        let Some((save, waiting)) = self.replica.save_with_pending(addr)? else {
+        let Some(envelope) = self.seal_snapshot(addr, covers)? else {
             return Ok(false);
         };
-        if waiting > 0 {
-            // A save would not hold the waiting changes, yet the cursor counts their envelopes.
-            return Ok(false);
-        }
-        let group = group_of(addr);
-        let Some((epoch, key)) = self.keyring.latest(&group) else {
-            return Ok(false);
-        };
-        let header = EnvelopeHeader {
-            kind: EnvelopeKind::Snapshot,
-            doc: addr.doc_id(),
-            epoch,
-            author: self.device(),
-            first_seq: covers,
-            last_seq: covers,
-        };
-        let envelope =
-            SealedEnvelope::seal(&self.secret, key, header, &encode_snapshot(addr, &save))?;
-        let doc = addr.doc_id();
+        let (doc, group) = (addr.doc_id(), group_of(addr));
         self.request(
             relay,
             Pending::PutSnapshot {
@@ -269,6 +251,38 @@ impl Worker {
             },
         );
         Ok(true)
+    }
+
+    /// Saves `addr` and seals the save as a snapshot covering `covers` (a relay sequence
+    /// number; 0 for a peer). `None` if the document is not ready for one (changes waiting for
+    /// dependencies, no key yet).
+    pub(super) fn seal_snapshot(
+        &mut self,
+        addr: &DocAddr,
+        covers: u64,
+    ) -> Result<Option<SealedEnvelope>, EngineError> {
+        let Some((save, waiting)) = self.replica.save_with_pending(addr)? else {
+            return Ok(None);
+        };
+        if waiting > 0 {
+            // A save would not hold the waiting changes, yet the cursor counts their envelopes.
+            return Ok(None);
+        }
+        let group = group_of(addr);
+        let Some((epoch, key)) = self.keyring.latest(&group) else {
+            return Ok(None);
+        };
+        let header = EnvelopeHeader {
+            kind: EnvelopeKind::Snapshot,
+            doc: addr.doc_id(),
+            epoch,
+            author: self.device(),
+            first_seq: covers,
+            last_seq: covers,
+        };
+        let envelope =
+            SealedEnvelope::seal(&self.secret, key, header, &encode_snapshot(addr, &save))?;
+        Ok(Some(envelope))
     }
 
     /// A relay answered a `PutSnapshot`: remember what it holds (`stored`), or only in memory
@@ -342,6 +356,27 @@ impl Worker {
         addr: &DocAddr,
         bytes: &[u8],
     ) -> Result<(), EngineError> {
+        let cursor = self
+            .relays
+            .get(relay)
+            .map_or(0, |r| r.session.cursor(&addr.doc_id()));
+        match self.apply_snapshot(addr, bytes, Some(cursor))? {
+            Some(covers) => self.snapshot_taken(relay, addr.doc_id(), covers),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a snapshot envelope of `addr` (made by a current device of this account, its
+    /// changes by devices of the group's members) and applies it: a segment held nowhere here
+    /// is installed whole, anything else gets its changes in one apply call. With a relay
+    /// `cursor`, a snapshot covering no more than it is skipped (`None`); else returns what it
+    /// covers.
+    pub(super) fn apply_snapshot(
+        &mut self,
+        addr: &DocAddr,
+        bytes: &[u8],
+        cursor: Option<u64>,
+    ) -> Result<Option<u64>, EngineError> {
         let doc = addr.doc_id();
         let env = SealedEnvelope::decode(bytes)?;
         let header = env.header;
@@ -351,10 +386,9 @@ impl Worker {
             });
         }
         let covers = header.first_seq;
-        let cursor = self.relays.get(relay).map_or(0, |r| r.session.cursor(&doc));
-        if covers <= cursor {
+        if cursor.is_some_and(|c| covers <= c) {
             // Nothing this device lacks.
-            return Ok(());
+            return Ok(None);
         }
         let group = group_of(addr);
         let keys = GroupKeys {
@@ -385,7 +419,7 @@ impl Worker {
             self.replica.defer_writes(false);
             if installed? {
                 self.emit(Event::ConversationListChanged);
-                return self.snapshot_taken(relay, doc, covers);
+                return Ok(Some(covers));
             }
         }
         self.replica.defer_writes(true);
@@ -405,7 +439,7 @@ impl Worker {
                 what: "snapshot changes the model accepts",
             });
         }
-        self.snapshot_taken(relay, doc, covers)
+        Ok(Some(covers))
     }
 
     /// A snapshot's content is in: watch the document, count it, move the cursor.
