@@ -8,10 +8,16 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use roamsync::engine::{CatchUpStage, DirectConfig, Engine, EngineConfig, Event};
-use roamsync::ids::{ConversationId, DeviceId};
-use roamsync::net::PeerAddr;
+use roamsync::crypto::identity::DeviceSecret;
+use roamsync::crypto::rng::SeedRng;
+use roamsync::engine::{
+    CatchUpStage, DirectConfig, Engine, EngineConfig, Event, REFUSED_CLOSE_CODE,
+};
+use roamsync::ids::{ConversationId, DeviceId, DocAddr};
+use roamsync::net::{NetError, PeerAddr};
 use roamsync::store::StorageKey;
+use roamsync::wire::frame::{ErrorCode, Frame};
+use roamsync::wire::message::{DocVersion, Message};
 use support::*;
 
 /// A device configuration in `dir` with direct sync on, listening on a free loopback port, and
@@ -133,4 +139,157 @@ async fn two_devices_with_no_relay_link_sync_both_ways_and_merge_offline_edits()
     assert!(merged.iter().any(|(t, r)| *r && t.is_none()), "{merged:?}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Reads what a raw peer receives until `Done { req }`, or panics after [`WAIT`].
+async fn until_done(client: &mut raw::Client, req: u32) -> Vec<Message> {
+    let mut seen = Vec::new();
+    loop {
+        let m = client.next().await;
+        if m == (Message::Done { req }) {
+            return seen;
+        }
+        seen.push(m);
+    }
+}
+
+/// The reason a raw peer was refused: an `Error` message, or the text of the connection's
+/// close (which can overtake the messages before it, the device's hello included).
+async fn refusal(client: &mut raw::Client) -> String {
+    let mut next = tokio::time::timeout(WAIT, client.recv.recv()).await;
+    if let Ok(Ok(Some(Frame::Message(Message::PeerHello { .. })))) = next {
+        next = tokio::time::timeout(WAIT, client.recv.recv()).await;
+    }
+    match next.expect("an answer in time") {
+        Ok(Some(Frame::Message(Message::Error { code, text, .. }))) => {
+            assert_eq!(code, ErrorCode::UNAUTHORISED);
+            text
+        }
+        Err(NetError::Read(quinn::ReadError::ConnectionLost(
+            quinn::ConnectionError::ApplicationClosed(close),
+        ))) => {
+            assert_eq!(close.error_code, REFUSED_CLOSE_CODE.into());
+            String::from_utf8_lossy(&close.reason).into_owned()
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_strangers_device_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = direct_account(dir.path(), "a", &[]).await;
+    let chat = a.create_conversation("notes", &[]).await.unwrap();
+    a.send(&chat, "private").await.unwrap();
+    let mut a_events = a.events();
+
+    // An engine of another account, sharing nothing with `a`, dials it.
+    let stranger = direct_account(dir.path(), "s", &[]).await;
+    let mut s_events = stranger.events();
+    stranger.connect_peer(here(&a)).await.unwrap();
+    wait_for(&mut s_events, "the stranger hearing it is refused", |e| {
+        matches!(e, Event::PeerRefused { device, reason }
+            if *device == a.device() && reason.contains("no conversation is shared"))
+    })
+    .await;
+    wait_for(&mut a_events, "a refusing the stranger", |e| {
+        matches!(e, Event::PeerRefused { device, .. } if *device == stranger.device())
+    })
+    .await;
+    assert!(stranger.conversation_list().await.unwrap().is_empty());
+    let status = a.sync_status().await.unwrap();
+    assert!(!status.peers.iter().any(|p| p.accepted), "{status:?}");
+
+    // At the protocol level (the dialling side speaks first): anything before an accepted
+    // hello closes the connection, and a hello of an account sharing nothing is answered with
+    // an error.
+    let mut raw = raw::Client::connect(&here(&a), 77).await;
+    let doc = DocAddr::Meta(chat).doc_id();
+    raw.send(Message::PeerSync {
+        req: 1,
+        docs: vec![DocVersion {
+            doc,
+            held: Vec::new(),
+        }],
+    })
+    .await;
+    assert!(refusal(&mut raw).await.contains("before the hello"));
+    let mut raw = raw::Client::connect(&here(&a), 78).await;
+    let (account, entries) = (raw.account(), raw.log.entries().to_vec());
+    raw.send(Message::PeerHello { account, entries }).await;
+    let why = refusal(&mut raw).await;
+    assert!(why.contains("no conversation is shared"), "{why}");
+    a.shutdown().await;
+    stranger.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_of_one_conversation_gets_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let a = direct_account(dir.path(), "a", std::slice::from_ref(&addr)).await;
+    // Another account's device, speaking the protocol by hand: known to the relay, so `a`
+    // can add it to a conversation.
+    let mut member = raw::Client::connect(&addr, 41).await;
+    member.sign_in().await;
+    let shared = a
+        .create_conversation("shared", &[member.account()])
+        .await
+        .unwrap();
+    let private = a.create_conversation("private", &[]).await.unwrap();
+    a.send(&shared, "for both").await.unwrap();
+    a.send(&private, "for a alone").await.unwrap();
+
+    // The same device, directly to `a`.
+    // (Secrets do not clone: the same seed makes the same device.)
+    let secret = DeviceSecret::generate(&mut SeedRng::from_seed([41; 32]));
+    assert_eq!(secret.device_id(), member.secret.device_id());
+    let log = member.log.clone();
+    let mut direct = raw::Client::connect_as(&here(&a), secret, log).await;
+    let (account, entries) = (direct.account(), direct.log.entries().to_vec());
+    direct.send(Message::PeerHello { account, entries }).await;
+    assert!(matches!(direct.next().await, Message::PeerHello { .. }));
+
+    // It asks for everything it can name: the shared conversation, the private one and the
+    // account document.
+    let shared_docs = [
+        DocAddr::Meta(shared).doc_id(),
+        DocAddr::Segment(shared, 0).doc_id(),
+    ];
+    let other_docs = [
+        DocAddr::Meta(private).doc_id(),
+        DocAddr::Segment(private, 0).doc_id(),
+        DocAddr::Account(a.account()).doc_id(),
+    ];
+    let docs = shared_docs
+        .iter()
+        .chain(&other_docs)
+        .map(|doc| DocVersion {
+            doc: *doc,
+            held: Vec::new(),
+        })
+        .collect();
+    direct.send(Message::PeerSync { req: 9, docs }).await;
+    let seen = until_done(&mut direct, 9).await;
+    let mut answered = Vec::new();
+    for m in &seen {
+        match m {
+            Message::GroupUpdates { group, .. } => assert_eq!(*group, shared_docs[0]),
+            Message::Envelopes { doc, items, .. } => {
+                assert!(!items.is_empty());
+                answered.push(*doc);
+            }
+            Message::Snapshot { doc, .. } => panic!("a snapshot of {doc:?} to another account"),
+            Message::LogEntries { .. } | Message::PeerSync { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(answered.contains(&shared_docs[0]), "{seen:?}");
+    assert!(answered.contains(&shared_docs[1]), "{seen:?}");
+    assert!(
+        answered.iter().all(|d| shared_docs.contains(d)),
+        "{answered:?}"
+    );
+    a.shutdown().await;
 }
