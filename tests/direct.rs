@@ -15,6 +15,7 @@ use roamsync::engine::{
 };
 use roamsync::ids::{ConversationId, DeviceId, DocAddr};
 use roamsync::net::{NetError, PeerAddr};
+use roamsync::relay::server::{Relay, RelayConfig};
 use roamsync::store::StorageKey;
 use roamsync::wire::frame::{ErrorCode, Frame};
 use roamsync::wire::message::{DocVersion, Message};
@@ -64,7 +65,11 @@ async fn until_peered(engine: &Engine, device: DeviceId) {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         let status = engine.sync_status().await.unwrap();
-        if status.peers.iter().any(|p| p.device == device && p.accepted) {
+        if status
+            .peers
+            .iter()
+            .any(|p| p.device == device && p.accepted)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -192,9 +197,11 @@ async fn a_strangers_device_is_refused() {
             if *device == a.device() && reason.contains("no conversation is shared"))
     })
     .await;
-    wait_for(&mut a_events, "a refusing the stranger", |e| {
-        matches!(e, Event::PeerRefused { device, .. } if *device == stranger.device())
-    })
+    wait_for(
+        &mut a_events,
+        "a refusing the stranger",
+        |e| matches!(e, Event::PeerRefused { device, .. } if *device == stranger.device()),
+    )
     .await;
     assert!(stranger.conversation_list().await.unwrap().is_empty());
     let status = a.sync_status().await.unwrap();
@@ -292,4 +299,195 @@ async fn a_member_of_one_conversation_gets_nothing_else() {
         "{answered:?}"
     );
     a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_learnt_directly_reaches_the_relay_after_its_author_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let relay_addr = relay.addr();
+    let at = relay.local_addr();
+    let relays = std::slice::from_ref(&relay_addr);
+    let a = direct_account(dir.path(), "a", relays).await;
+    let chat = a.create_conversation("notes", &[]).await.unwrap();
+    a.send(&chat, "before").await.unwrap();
+    until_uploaded(&a).await;
+    let b = linked_directly(dir.path(), "b", &a, relays).await;
+    until_live(&b).await;
+    until_peered(&b, a.device()).await;
+    until_history(&b, &chat, 1).await;
+
+    // The relay goes away; `a` writes, `b` hears it directly; then `a` is destroyed.
+    relay.shutdown().await;
+    a.send(&chat, "only b heard this").await.unwrap();
+    until_history(&b, &chat, 2).await;
+    a.shutdown().await;
+    std::fs::remove_file(dir.path().join("a.db")).unwrap();
+
+    // The relay comes back; `b` uploads what it learnt from `a`.
+    let relay = Relay::start(RelayConfig::new(dir.path().join("relay"), at))
+        .await
+        .expect("relay restarts");
+    until_live(&b).await;
+    until_uploaded(&b).await;
+
+    // A device that only ever talks to the relay reads it.
+    let c = linked(dir.path(), "c", &relay_addr, &b).await;
+    until_listed(&c, &chat).await;
+    until_history(&c, &chat, 2).await;
+    let page = c.history(&chat, None, 10).await.unwrap();
+    assert_eq!(page.messages[1].body.as_deref(), Some("only b heard this"));
+    b.shutdown().await;
+    c.shutdown().await;
+    relay.shutdown().await;
+}
+
+/// One connection the convergence test makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    /// Device `a` starts using the relay.
+    RelayA,
+    /// Device `b` starts using the relay.
+    RelayB,
+    /// `a` and `b` connect directly.
+    Direct,
+}
+
+/// A free UDP port on loopback (bound and released; the engine binds it again).
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A device configuration listening on a fixed loopback port, so that it can be reopened at
+/// the same address.
+fn fixed_config(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    relays: &[PeerAddr],
+    peers: &[PeerAddr],
+) -> EngineConfig {
+    let mut c = direct_config(dir, name, relays);
+    c.direct = Some(DirectConfig {
+        listen: Some(([127, 0, 0, 1], port).into()),
+        peers: peers.to_vec(),
+    });
+    c
+}
+
+/// Opens a stored device, retrying while its port is still held by the engine closed before.
+async fn reopen(config: EngineConfig) -> Engine {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match Engine::open(config.clone()).await {
+            Ok(e) => return e,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "reopening");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopening failed: {e}"),
+        }
+    }
+}
+
+/// Two devices of one account write while apart, then connect in `order` (each writing after
+/// every step), and end up with the same history, whatever the order.
+async fn converge_in_order(order: [Link; 3]) {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let r = [relay.addr()];
+    let (pa, pb) = (free_port(), free_port());
+    let a_cfg =
+        |relays: &[PeerAddr], peers: &[PeerAddr]| fixed_config(dir.path(), "a", pa, relays, peers);
+    let b_cfg =
+        |relays: &[PeerAddr], peers: &[PeerAddr]| fixed_config(dir.path(), "b", pb, relays, peers);
+    let mut a = Engine::create_account(a_cfg(&[], &[]), "a").await.unwrap();
+    let chat = a.create_conversation("notes", &[]).await.unwrap();
+    a.send(&chat, "a0").await.unwrap();
+    let invite = a.invite_device_direct("127.0.0.1").await.unwrap();
+    let b = Engine::link_direct(b_cfg(&[], &[]), &invite, "b")
+        .await
+        .unwrap();
+    until_history(&b, &chat, 1).await;
+    let b_addr = PeerAddr {
+        key: b.device(),
+        host: "127.0.0.1".into(),
+        port: pb,
+    };
+    b.shutdown().await;
+
+    // Apart: no relay, no direct connection.
+    let mut b = reopen(b_cfg(&[], &[])).await;
+    a.send(&chat, "a apart").await.unwrap();
+    b.send(&chat, "b apart").await.unwrap();
+    let (mut a_relays, mut b_relays, mut peers): (&[PeerAddr], &[PeerAddr], Vec<PeerAddr>) =
+        (&[], &[], Vec::new());
+    for step in order {
+        match step {
+            Link::RelayA => {
+                a.shutdown().await;
+                a_relays = &r;
+                a = reopen(a_cfg(a_relays, &peers)).await;
+            }
+            Link::RelayB => {
+                b.shutdown().await;
+                b_relays = &r;
+                b = reopen(b_cfg(b_relays, &[])).await;
+            }
+            Link::Direct => {
+                peers = vec![b_addr.clone()];
+                a.connect_peer(b_addr.clone()).await.unwrap();
+            }
+        }
+        a.send(&chat, &format!("a after {step:?}")).await.unwrap();
+        b.send(&chat, &format!("b after {step:?}")).await.unwrap();
+    }
+    until_same(&a, &b, &chat, 3 + 2 * 3).await;
+    let (la, lb) = (
+        a.conversation_list().await.unwrap(),
+        b.conversation_list().await.unwrap(),
+    );
+    assert_eq!(la, lb);
+    // The relay holds it all too: a device that only talks to it reads the same.
+    let c = linked(dir.path(), "c", &r[0], &a).await;
+    until_listed(&c, &chat).await;
+    until_same(&a, &c, &chat, 3 + 2 * 3).await;
+    for e in [a, b, c] {
+        e.shutdown().await;
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn converges_relay_a_relay_b_direct() {
+    converge_in_order([Link::RelayA, Link::RelayB, Link::Direct]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn converges_relay_a_direct_relay_b() {
+    converge_in_order([Link::RelayA, Link::Direct, Link::RelayB]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn converges_relay_b_relay_a_direct() {
+    converge_in_order([Link::RelayB, Link::RelayA, Link::Direct]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn converges_relay_b_direct_relay_a() {
+    converge_in_order([Link::RelayB, Link::Direct, Link::RelayA]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn converges_direct_relay_a_relay_b() {
+    converge_in_order([Link::Direct, Link::RelayA, Link::RelayB]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn converges_direct_relay_b_relay_a() {
+    converge_in_order([Link::Direct, Link::RelayB, Link::RelayA]).await;
 }

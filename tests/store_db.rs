@@ -333,7 +333,10 @@ fn archived_envelopes_are_kept_once_and_read_past_a_version() {
         ]
     );
     // An envelope reaching past the version is included even if it starts before it.
-    assert_eq!(firsts(5).iter().map(|e| e.0).collect::<Vec<_>>(), vec![4, 7]);
+    assert_eq!(
+        firsts(5).iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![4, 7]
+    );
     assert!(firsts(7).is_empty());
     assert_eq!(s.archived_after(&seg, &b, 0).unwrap().len(), 1);
     assert_eq!(s.archived_after(&meta, &a, 0).unwrap()[0].2, b"meta");

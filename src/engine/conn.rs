@@ -157,10 +157,12 @@ async fn session(
                 held,
             })
         },
-        |bytes| Input::Net(NetEvent::Datagram {
-            relay: index,
-            bytes,
-        }),
+        |bytes| {
+            Input::Net(NetEvent::Datagram {
+                relay: index,
+                bytes,
+            })
+        },
     )
     .await;
     if connected_at.elapsed() >= Duration::from_millis(BACKOFF_RESET_AFTER_MS) {

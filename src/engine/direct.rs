@@ -59,7 +59,10 @@ async fn inbound(
     let streams = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), conn.accept_bi())
         .await
         .map_err(|_| NetError::NoAddress {
-            host: format!("{} (no stream in {CONNECT_TIMEOUT_MS} ms)", conn.remote_address()),
+            host: format!(
+                "{} (no stream in {CONNECT_TIMEOUT_MS} ms)",
+                conn.remote_address()
+            ),
         })?
         .map_err(NetError::Connection)?;
     let addr = conn.remote_address().to_string();

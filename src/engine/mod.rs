@@ -62,8 +62,8 @@ pub use session::FETCH_LIMIT;
 pub use worker::{
     CATCH_UP_EVENT_MS, HEARTBEAT_MS, INVITE_TTL_MS, MAX_APPENDS_IN_FLIGHT, MAX_BLOCKED_RETRIES,
     MAX_INPUTS_PER_TURN, MAX_RECEIVED_BYTES_QUEUED, MAX_SNAPSHOTS_PER_TICK,
-    PEER_SNAPSHOT_AFTER_CHANGES, RECEIVED_BYTES_PER_TURN, SILENT_RELAY_MS, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_APPLY_WEIGHT,
-    SNAPSHOT_FORMAT_VERSION, SNAPSHOT_TICK_BUDGET_MS,
+    PEER_SNAPSHOT_AFTER_CHANGES, RECEIVED_BYTES_PER_TURN, SILENT_RELAY_MS, SNAPSHOT_AFTER_CHANGES,
+    SNAPSHOT_APPLY_WEIGHT, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_TICK_BUDGET_MS,
 };
 
 use worker::{Dialer, Input, Worker};
@@ -758,14 +758,10 @@ impl Engine {
             None => crate::net::client_endpoint(config.bind)?,
         };
         let listen_addr = match listen {
-            Some(_) => Some(
-                endpoint
-                    .local_addr()
-                    .map_err(|source| NetError::Bind {
-                        addr: listen.unwrap_or(config.bind),
-                        source,
-                    })?,
-            ),
+            Some(_) => Some(endpoint.local_addr().map_err(|source| NetError::Bind {
+                addr: listen.unwrap_or(config.bind),
+                source,
+            })?),
             None => None,
         };
         let (tx, rx) = mpsc::unbounded_channel();

@@ -211,7 +211,12 @@ impl Worker {
         if let Some(p) = self.peers.get_mut(&link) {
             p.account = Some(account);
         }
-        tracing::info!(link, ?device, own = account == self.account(), "direct peer accepted");
+        tracing::info!(
+            link,
+            ?device,
+            own = account == self.account(),
+            "direct peer accepted"
+        );
         self.greet_peer(link);
         self.emit_status();
         Ok(())
@@ -282,7 +287,8 @@ impl Worker {
             return Err(mismatch);
         }
         if entries.len() <= held {
-            let same = known.entries()[entries.len() - 1].hash() == entries[entries.len() - 1].hash();
+            let same =
+                known.entries()[entries.len() - 1].hash() == entries[entries.len() - 1].hash();
             return if same { Ok(()) } else { Err(mismatch) };
         }
         if held == 0 || entries[held - 1].hash() != known.head() {
@@ -583,7 +589,11 @@ impl Worker {
             return;
         };
         if !self.peer_shares(link, &addr) {
-            tracing::debug!(link, ?addr, "envelopes of a document the peer does not share");
+            tracing::debug!(
+                link,
+                ?addr,
+                "envelopes of a document the peer does not share"
+            );
             return;
         }
         let bytes: usize = items.iter().map(|i| i.envelope.len()).sum();
@@ -607,7 +617,11 @@ impl Worker {
             .and_then(|p| p.account)
             .is_some_and(|a| a == self.account());
         if !own {
-            tracing::debug!(link, ?addr, "snapshot from another account's device dropped");
+            tracing::debug!(
+                link,
+                ?addr,
+                "snapshot from another account's device dropped"
+            );
             return;
         }
         if let Some(p) = self.peers.get_mut(&link) {
