@@ -21,10 +21,13 @@
 //! - [`endpoint`]: transport parameters, endpoints, [`connect`], [`accept`].
 //! - [`addr`]: [`PeerAddr`], `<key hex>@host:port`.
 //! - [`framed`]: [`FramedSend`], [`FramedRecv`].
+//! - [`discovery`]: finding the account's other devices on the LAN by multicast, announcing
+//!   only a rotating token.
 //!
 //! Byte-level facts (ALPN, certificate contents, what is verified) are in `docs/PROTOCOL.md`.
 
 pub mod addr;
+pub mod discovery;
 pub mod endpoint;
 mod error;
 pub mod framed;
