@@ -14,6 +14,7 @@ use roamsync::engine::{
     CatchUpStage, DirectConfig, Engine, EngineConfig, Event, REFUSED_CLOSE_CODE,
 };
 use roamsync::ids::{ConversationId, DeviceId, DocAddr};
+use roamsync::net::discovery::DiscoveryConfig;
 use roamsync::net::{NetError, PeerAddr};
 use roamsync::relay::server::{Relay, RelayConfig};
 use roamsync::store::StorageKey;
@@ -30,6 +31,11 @@ fn direct_config(dir: &Path, name: &str, relays: &[PeerAddr]) -> EngineConfig {
     c.direct = Some(DirectConfig {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         peers: Vec::new(),
+        // Tests say whom a device meets; the LAN discovery test turns it on.
+        discovery: DiscoveryConfig {
+            enabled: false,
+            ..DiscoveryConfig::default()
+        },
     });
     c
 }
@@ -372,10 +378,10 @@ fn fixed_config(
     peers: &[PeerAddr],
 ) -> EngineConfig {
     let mut c = direct_config(dir, name, relays);
-    c.direct = Some(DirectConfig {
-        listen: Some(([127, 0, 0, 1], port).into()),
-        peers: peers.to_vec(),
-    });
+    if let Some(d) = &mut c.direct {
+        d.listen = Some(([127, 0, 0, 1], port).into());
+        d.peers = peers.to_vec();
+    }
     c
 }
 
@@ -424,19 +430,17 @@ async fn converge_in_order(order: [Link; 3]) {
     let mut b = reopen(b_cfg(&[], &[])).await;
     a.send(&chat, "a apart").await.unwrap();
     b.send(&chat, "b apart").await.unwrap();
-    let (mut a_relays, mut b_relays, mut peers): (&[PeerAddr], &[PeerAddr], Vec<PeerAddr>) =
-        (&[], &[], Vec::new());
+    // Who dials whom once they are connected directly: `a` dials `b`, also after reopening.
+    let mut peers: Vec<PeerAddr> = Vec::new();
     for step in order {
         match step {
             Link::RelayA => {
                 a.shutdown().await;
-                a_relays = &r;
-                a = reopen(a_cfg(a_relays, &peers)).await;
+                a = reopen(a_cfg(&r, &peers)).await;
             }
             Link::RelayB => {
                 b.shutdown().await;
-                b_relays = &r;
-                b = reopen(b_cfg(b_relays, &[])).await;
+                b = reopen(b_cfg(&r, &[])).await;
             }
             Link::Direct => {
                 peers = vec![b_addr.clone()];
@@ -490,4 +494,50 @@ async fn converges_direct_relay_a_relay_b() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn converges_direct_relay_b_relay_a() {
     converge_in_order([Link::Direct, Link::RelayB, Link::RelayA]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn devices_of_one_account_find_each_other_on_the_lan() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let relays = [relay.addr()];
+    // A multicast group of this test's own, on loopback.
+    let lan = DiscoveryConfig {
+        enabled: true,
+        group: std::net::SocketAddrV4::new(
+            [239, 255, 77, 78].into(),
+            40_000 + (std::process::id() % 20_000) as u16,
+        ),
+        interface: [127, 0, 0, 1].into(),
+        interval_ms: 200,
+    };
+    let on_lan = |name: &str| {
+        let mut c = direct_config(dir.path(), name, &relays);
+        if let Some(d) = &mut c.direct {
+            d.discovery = lan.clone();
+        }
+        c
+    };
+    let a = Engine::create_account(on_lan("a"), "a").await.unwrap();
+    until_live(&a).await;
+    let code = a.invite_device().await.unwrap();
+    let b = Engine::link(on_lan("b"), &code, "b").await.unwrap();
+    until_live(&b).await;
+    // Another account on the same LAN: it hears the announcements but they are not its own.
+    let other = Engine::create_account(on_lan("o"), "o").await.unwrap();
+
+    // No addresses given: they find each other and connect directly.
+    until_peered(&a, b.device()).await;
+    until_peered(&b, a.device()).await;
+    // With the relay gone, messages still flow.
+    relay.shutdown().await;
+    let chat = a.create_conversation("lan", &[]).await.unwrap();
+    a.send(&chat, "over the lan").await.unwrap();
+    until_listed(&b, &chat).await;
+    until_history(&b, &chat, 1).await;
+    let status = other.sync_status().await.unwrap();
+    assert!(status.peers.is_empty(), "{status:?}");
+    for e in [a, b, other] {
+        e.shutdown().await;
+    }
 }

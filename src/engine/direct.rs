@@ -14,6 +14,9 @@ use crate::engine::conn::{
 };
 use crate::engine::worker::{Input, NetEvent, Outgoing};
 use crate::ids::DeviceId;
+use crate::net::discovery::{
+    Discovered, DiscoveryAccount, DiscoveryConfig, DiscoveryHandle, spawn_discovery,
+};
 use crate::net::{Identity, NetError, PeerAddr, accept, connect};
 
 /// Numbers each direct connection, so the worker tells a reconnect from the connection before.
@@ -182,4 +185,37 @@ async fn dial_once(
     let result = session(&conn, streams, peer.key, addr, false, worker, queue).await;
     conn.close(0u32.into(), b"bye");
     result
+}
+
+/// Starts LAN discovery announcing `port`; what it hears goes to the worker, which dials the
+/// devices of this account it does not have a connection with. `None` (logged) if the socket
+/// cannot be set up or this device does not hold the account key yet: direct sync still works
+/// with addresses given to it.
+pub(crate) fn discover(
+    config: DiscoveryConfig,
+    own: DeviceId,
+    port: u16,
+    accounts: watch::Receiver<DiscoveryAccount>,
+    worker: mpsc::UnboundedSender<Input>,
+) -> Option<DiscoveryHandle> {
+    let (found_tx, mut found_rx) = mpsc::unbounded_channel::<Discovered>();
+    let handle = match spawn_discovery(config, own, port, accounts, found_tx) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "LAN discovery is off");
+            return None;
+        }
+    };
+    tokio::spawn(async move {
+        while let Some(d) = found_rx.recv().await {
+            let found = NetEvent::Discovered {
+                device: d.device,
+                addr: d.addr,
+            };
+            if worker.send(Input::Net(found)).is_err() {
+                return;
+            }
+        }
+    });
+    Some(handle)
 }

@@ -50,6 +50,7 @@ use crate::ids::{AccountId, ConversationId, DeviceId, DocAddr, MessageId};
 use crate::model::{
     BatchError, ConversationSummary, Cursor, Draft, ListFlag, Message, ModelError, Page,
 };
+use crate::net::discovery::{DiscoveryConfig, DiscoveryHandle};
 use crate::net::{FramedRecv, FramedSend, Identity, NetError, PeerAddr};
 use crate::store::db::{Store, StoreError};
 use crate::store::replica::{ReplicaStoreError, StoreConfig, StoredReplica};
@@ -118,7 +119,10 @@ pub struct EngineConfig {
 /// Direct sync: devices that can reach each other (same LAN, or any address) sync with no
 /// relay in between. With it on, the device keeps every envelope it accepts (sealed, in its
 /// store) to serve peers, and passes what a peer gave it on to the relays.
-#[derive(Clone, Debug, Default)]
+///
+/// The default listens on every interface (any free port) and finds this account's other
+/// devices on the local network by itself ([`DiscoveryConfig`]).
+#[derive(Clone, Debug)]
 pub struct DirectConfig {
     /// Accept direct connections on this UDP address (port 0: any free port; see
     /// [`Engine::listen_addr`]). `None`: only dial out. The engine's connections to relays
@@ -126,6 +130,19 @@ pub struct DirectConfig {
     pub listen: Option<SocketAddr>,
     /// Devices to keep a direct connection with, as `<device key>@host:port`.
     pub peers: Vec<PeerAddr>,
+    /// LAN discovery: announce an opaque rotating token by UDP multicast and connect to this
+    /// account's devices heard announcing (needs `listen`). `enabled: false` turns it off.
+    pub discovery: DiscoveryConfig,
+}
+
+impl Default for DirectConfig {
+    fn default() -> Self {
+        DirectConfig {
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], 0))),
+            peers: Vec::new(),
+            discovery: DiscoveryConfig::default(),
+        }
+    }
 }
 
 /// An invitation to link a new device over a direct connection, for a QR code: the pairing
@@ -499,6 +516,8 @@ pub struct Engine {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     endpoint: quinn::Endpoint,
     listen_addr: Option<SocketAddr>,
+    /// LAN discovery, while it runs (dropping it stops it).
+    _discovery: Option<DiscoveryHandle>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -767,6 +786,8 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let queue = conn::receive_budget();
+        // What LAN discovery announces and listens for follows this account's device log.
+        let accounts = worker.discovery_accounts();
         if let Some(direct) = &config.direct {
             worker.enable_direct(Dialer {
                 runtime: tokio::runtime::Handle::current(),
@@ -806,6 +827,12 @@ impl Engine {
                 ))
             })
             .collect();
+        let discovery = match (&config.direct, listen_addr) {
+            (Some(d), Some(at)) if d.discovery.enabled => {
+                direct::discover(d.discovery.clone(), device, at.port(), accounts, tx.clone())
+            }
+            _ => None,
+        };
         if listen.is_some() {
             tasks.push(tokio::spawn(direct::listen(
                 endpoint.clone(),
@@ -826,6 +853,7 @@ impl Engine {
             tasks,
             endpoint,
             listen_addr,
+            _discovery: discovery,
         })
     }
 

@@ -267,6 +267,8 @@ pub(crate) struct Worker {
     /// What starts connections to peers (set once the engine runs), and the peers dialled.
     pub(crate) dialer: Option<Dialer>,
     dialing: HashMap<DeviceId, (String, tokio::task::JoinHandle<()>)>,
+    /// What LAN discovery announces and recognises, if it runs.
+    discovery: Option<tokio::sync::watch::Sender<crate::net::discovery::DiscoveryAccount>>,
     pub(crate) stopping: bool,
 }
 
@@ -377,6 +379,7 @@ impl Worker {
             archive_queue: Vec::new(),
             dialer: None,
             dialing: HashMap::new(),
+            discovery: None,
             stopping: false,
         };
         w.index_devices();

@@ -10,6 +10,7 @@
 
 use super::*;
 use crate::crypto::device_log::DeviceLogEntry;
+use crate::net::discovery::{DiscoveryAccount, DiscoveryKey};
 use crate::wire::message::{
     DocVersion, MAX_SYNC_DOCS, MAX_UPDATES_PER_MESSAGE, MAX_VERSION_ENTRIES,
     TARGET_ENVELOPES_BYTES, TARGET_SYNC_BYTES,
@@ -728,8 +729,41 @@ impl Worker {
         }
     }
 
+    /// What LAN discovery announces and recognises: a key derived from the account document's
+    /// first key (which every device of the account holds, and no one else) and the account's
+    /// current devices. Updated as the log changes.
+    pub(crate) fn discovery_accounts(&mut self) -> tokio::sync::watch::Receiver<DiscoveryAccount> {
+        let (tx, rx) = tokio::sync::watch::channel(self.discovery_account());
+        self.discovery = Some(tx);
+        rx
+    }
+
+    fn discovery_account(&self) -> DiscoveryAccount {
+        let group = DocAddr::Account(self.account()).doc_id();
+        // Before the account key is here (it always is, from creation or linking) nothing
+        // matches: a key of zeros under another context would be guessable.
+        let secret = self
+            .keyring
+            .key(&group, KeyEpoch(0))
+            .map_or([0; 32], |k| *k.as_bytes());
+        DiscoveryAccount {
+            key: DiscoveryKey::derive(&secret),
+            devices: if secret == [0; 32] {
+                Vec::new()
+            } else {
+                self.log
+                    .current_devices()
+                    .map(|d| d.info.keys.device)
+                    .collect()
+            },
+        }
+    }
+
     /// This account's device log changed: its peers hear at once.
     pub(super) fn share_own_log(&self) {
+        if let Some(tx) = &self.discovery {
+            let _ = tx.send(self.discovery_account());
+        }
         for link in self.live_peers() {
             let own = self
                 .peers
