@@ -22,14 +22,11 @@ fn segment() -> DocId {
     DocAddr::Segment(ConversationId::from_bytes([7; 16]), 0).doc_id()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn append_is_acknowledged_and_pushed_to_the_other_member() {
-    let dir = tempfile::tempdir().unwrap();
-    let relay = support::relay(dir.path()).await;
-    let addr = relay.addr();
-    assert_eq!(addr.host, "127.0.0.1");
-    let mut alice = Client::connect(&addr, 1).await;
-    let mut bob = Client::connect(&addr, 2).await;
+/// Alice and Bob signed in, members of `group()` (Bob told of it), both subscribed to
+/// `segment()`.
+async fn two_members(addr: &PeerAddr) -> (Client, Client) {
+    let mut alice = Client::connect(addr, 1).await;
+    let mut bob = Client::connect(addr, 2).await;
     alice.sign_in().await;
     bob.sign_in().await;
     let update = alice.update(0, vec![alice.account(), bob.account()]);
@@ -63,6 +60,16 @@ async fn append_is_acknowledged_and_pushed_to_the_other_member() {
             .await;
         assert_eq!(done, Message::Done { req: 4 });
     }
+    (alice, bob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_is_acknowledged_and_pushed_to_the_other_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = support::relay(dir.path()).await;
+    let addr = relay.addr();
+    assert_eq!(addr.host, "127.0.0.1");
+    let (mut alice, mut bob) = two_members(&addr).await;
     let envelope = alice.envelope(segment(), 1);
     let ack = alice
         .request(Message::Append {
@@ -119,6 +126,76 @@ async fn append_is_acknowledged_and_pushed_to_the_other_member() {
     assert!(
         matches!(&fetched, Message::Envelopes { req: 7, items, more: false, .. } if items.len() == 1),
         "{fetched:?}"
+    );
+    relay.shutdown().await;
+}
+
+/// Bob uploads an envelope he learned from Alice directly: it is stored as hers and pushed to
+/// her, and her own upload of it afterwards is a duplicate. A tampered copy is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_envelope_is_stored_as_its_authors() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = support::relay(dir.path()).await;
+    let addr = relay.addr();
+    let (mut alice, mut bob) = two_members(&addr).await;
+    let envelope = alice.envelope(segment(), 1);
+    let mut tampered = envelope.clone();
+    tampered.ciphertext[0] ^= 1;
+    let refused = bob
+        .request(Message::Append {
+            req: 5,
+            group: group(),
+            envelope: tampered,
+        })
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Message::Error {
+                req: 5,
+                code: ErrorCode::REJECTED,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let ack = bob
+        .request(Message::Append {
+            req: 6,
+            group: group(),
+            envelope: envelope.clone(),
+        })
+        .await;
+    let Message::Ack {
+        req: 6,
+        seq,
+        prev: 0,
+        duplicate: false,
+        ..
+    } = ack
+    else {
+        panic!("{ack:?}");
+    };
+    match alice.next().await {
+        Message::Envelopes { req: 0, items, .. } => {
+            assert_eq!(items.len(), 1);
+            assert_eq!(
+                (items[0].seq, &items[0].envelope),
+                (seq, &envelope.encode())
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let again = alice
+        .request(Message::Append {
+            req: 7,
+            group: group(),
+            envelope,
+        })
+        .await;
+    assert!(
+        matches!(again, Message::Ack { seq: s, duplicate: true, .. } if s == seq),
+        "{again:?}"
     );
     relay.shutdown().await;
 }

@@ -454,17 +454,22 @@ impl SealedEnvelope {
         })
     }
 
-    /// Checks the author's signature and authorisation without any key: what a relay checks
-    /// before it stores an envelope.
-    pub fn verify_author(&self, authoriser: impl Authoriser) -> Result<(), EnvelopeError> {
-        let h = &self.header;
+    /// Checks the signature under the header's author key, and nothing else: what a relay
+    /// checks before it stores an envelope (it decides authorisation itself).
+    pub fn verify_signature(&self) -> Result<(), IdentityError> {
         verify(
-            &h.author,
+            &self.header.author,
             SIGNATURE_DOMAIN,
             &self.signed_part(),
             &self.signature,
         )
-        .map_err(EnvelopeError::BadSignature)?;
+    }
+
+    /// Checks the author's signature and authorisation without any key.
+    pub fn verify_author(&self, authoriser: impl Authoriser) -> Result<(), EnvelopeError> {
+        let h = &self.header;
+        self.verify_signature()
+            .map_err(EnvelopeError::BadSignature)?;
         if !authoriser.is_authorised(&h.author, &h.doc, h.epoch) {
             return Err(EnvelopeError::NotAuthorised {
                 author: h.author,

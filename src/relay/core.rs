@@ -50,7 +50,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::crypto::device_log::{DeviceLog, DeviceLogEntry, DeviceLogError};
+use crate::crypto::device_log::{DeviceLog, DeviceLogEntry, DeviceLogError, EntryAction};
 use crate::crypto::group::{GroupError, GroupUpdate};
 use crate::ids::{AccountId, DeviceId, DocId};
 use crate::relay::limits::{RelayLimits, TokenBucket};
@@ -58,6 +58,7 @@ use crate::wire::frame::ErrorCode;
 use crate::wire::message::{Message, RENDEZVOUS_LEN};
 
 mod accounts;
+mod authors;
 mod docs;
 mod error;
 mod groups;
@@ -171,6 +172,11 @@ impl GroupChain {
         // A chain is created with its version-0 update and only grows.
         &self.updates[self.updates.len() - 1]
     }
+
+    /// Whether `account` is a member at any version, newest first.
+    fn was_member(&self, account: &AccountId) -> bool {
+        self.updates.iter().rev().any(|u| u.is_member(account))
+    }
 }
 
 /// A document the relay stores envelopes of.
@@ -201,6 +207,9 @@ struct Rendezvous {
 pub struct RelayCore {
     limits: RelayLimits,
     accounts: HashMap<AccountId, DeviceLog>,
+    /// The accounts whose log lists each device (added at some point, revoked or not). Logs
+    /// only grow, so entries are only ever added.
+    device_accounts: HashMap<DeviceId, BTreeSet<AccountId>>,
     groups: HashMap<DocId, GroupChain>,
     /// Groups each account is a member of (latest version).
     member_of: HashMap<AccountId, BTreeSet<DocId>>,
@@ -221,6 +230,7 @@ impl RelayCore {
         Self {
             limits,
             accounts: HashMap::new(),
+            device_accounts: HashMap::new(),
             groups: HashMap::new(),
             member_of: HashMap::new(),
             docs: HashMap::new(),
@@ -245,6 +255,7 @@ impl RelayCore {
                 .collect::<Result<Vec<_>, _>>()
                 .and_then(|entries| DeviceLog::verify(&account, entries))
                 .map_err(|source| LoadError::Log { account, source })?;
+            core.index_devices(account, log.entries());
             core.accounts.insert(account, log);
         }
         for (group, encoded) in snapshot.groups {
@@ -505,9 +516,21 @@ impl RelayCore {
         }
     }
 
-    /// Authenticated, open connections of `account`.
-    /// [`Self::authenticated`] for a request carrying an envelope: it must be the connection's
-    /// device's own (the relay stores only what a device signed itself).
+    /// Records that `account`'s log lists the devices `entries` introduce.
+    fn index_devices(&mut self, account: AccountId, entries: &[DeviceLogEntry]) {
+        for entry in entries {
+            if let EntryAction::Genesis(info) | EntryAction::Add(info) = &entry.action {
+                self.device_accounts
+                    .entry(info.keys.device)
+                    .or_default()
+                    .insert(account);
+            }
+        }
+    }
+
+    /// [`Self::authenticated`] for a request whose envelope must be the connection's device's
+    /// own (`PutSnapshot`: a snapshot asks its readers to trust its maker, so nobody else may
+    /// upload it).
     fn authenticated_author(
         &self,
         conn: ConnId,
@@ -521,6 +544,7 @@ impl RelayCore {
         Ok((device, account))
     }
 
+    /// Authenticated, open connections of `account`.
     fn authenticated_conns(&self, account: &AccountId) -> impl Iterator<Item = ConnId> + '_ {
         self.by_account
             .get(account)

@@ -164,6 +164,7 @@ impl RelayCore {
             }
             out.push(Output::Event(RelayEvent::AccountCreated { account }));
         }
+        self.index_devices(account, &new_entries);
         self.accounts.insert(account, log);
         let mut then = vec![Output::Send {
             conn,

@@ -139,8 +139,10 @@ impl RelayCore {
         Ok(())
     }
 
-    /// `Append`: checks author, kind, membership, the document's group and the quota, then
-    /// hands the envelope to the store. The answer comes with [`Self::handle_envelope_stored`].
+    /// `Append`: checks kind, membership, the author (the connection's device, or a device it
+    /// forwards for) and its signature, the document's group and the quota, then hands the
+    /// envelope to the store under its author. The answer comes with
+    /// [`Self::handle_envelope_stored`].
     pub(super) fn handle_append(
         &mut self,
         conn: ConnId,
@@ -150,7 +152,7 @@ impl RelayCore {
         out: &mut Vec<Output>,
     ) -> Result<(), RequestError> {
         let header = envelope.header;
-        let (device, account) = self.authenticated_author(conn, "Append", header.author)?;
+        let (device, account) = self.authenticated(conn, "Append")?;
         match header.kind {
             EnvelopeKind::Changes => {}
             EnvelopeKind::Ephemeral => return Err(RequestError::EphemeralAppend),
@@ -162,6 +164,9 @@ impl RelayCore {
         if self.pending.contains_key(&(conn, req)) {
             return Err(RequestError::RequestInFlight { req });
         }
+        // The signature is the costly check, so it follows the ones on the request alone; the
+        // quota check below needs the author's account it returns.
+        let author_account = self.append_author(&group, device, account, &envelope)?;
         let bytes = envelope.encode();
         let len = bytes.len();
         if let Some(c) = self.conns.get(&conn) {
@@ -174,17 +179,21 @@ impl RelayCore {
                 });
             }
         }
-        let used = self.usage(&account);
+        // The author's account pays, whoever uploads: its usage stays what its own devices
+        // signed, as the store counts it from the rows it names, and a member cannot spend
+        // another account's quota with anything but that account's own envelopes (each stored
+        // once). The in-flight limits above stay the connection's: they bound what it queues.
+        let used = self.usage(&author_account);
         let quota = self.limits.quota_bytes;
         if used.saturating_add(len as u64) > quota {
             return Err(RequestError::QuotaExceeded {
-                account,
+                account: author_account,
                 used,
                 adding: len as u64,
                 quota,
             });
         }
-        *self.usage.entry(account).or_default() += len as u64;
+        *self.usage.entry(author_account).or_default() += len as u64;
         if let Some(c) = self.conns.get_mut(&conn) {
             c.appends_in_flight += 1;
             c.append_bytes_in_flight += len;
@@ -202,7 +211,7 @@ impl RelayCore {
             (conn, req),
             PendingAppend {
                 doc,
-                account,
+                account: author_account,
                 bytes: bytes.clone(),
             },
         );
@@ -212,8 +221,8 @@ impl RelayCore {
             envelope: NewEnvelope {
                 doc,
                 id: EnvelopeId(*blake3::hash(&bytes).as_bytes()),
-                author: device,
-                account,
+                author: header.author,
+                account: author_account,
                 first_seq: header.first_seq,
                 last_seq: header.last_seq,
                 bytes,
@@ -222,8 +231,9 @@ impl RelayCore {
         Ok(())
     }
 
-    /// The store's answer to an append: acknowledge it to the author and, if it is new, push it
-    /// to the document's other subscribers with the sequence number it follows.
+    /// The store's answer to an append: acknowledge it to the connection that sent it and, if
+    /// it is new, push it to the document's other subscribers with the sequence number it
+    /// follows.
     pub(super) fn handle_envelope_stored(
         &mut self,
         conn: ConnId,
@@ -281,11 +291,12 @@ impl RelayCore {
         out.extend(pushes);
     }
 
-    /// Records a newly stored envelope as the document's last. Returns the sequence number
-    /// it follows and its push to every other subscriber that may still read the document.
+    /// Records a newly stored envelope, sent by connection `sender`, as the document's last.
+    /// Returns the sequence number it follows and its push to every other subscriber that may
+    /// still read the document (the author's other connections too, for a forward).
     fn record_stored(
         &mut self,
-        author: ConnId,
+        sender: ConnId,
         doc: DocId,
         seq: u64,
         bytes: &[u8],
@@ -296,7 +307,7 @@ impl RelayCore {
         };
         if seq <= state.last_seq {
             // Outcomes arrive in commit order, so this does not happen. If it did, the true
-            // predecessor is unknown: no push, and a `prev` past `seq` that makes the author
+            // predecessor is unknown: no push, and a `prev` past `seq` that makes the sender
             // fetch rather than count a gap in.
             self.stats.unexpected_inputs += 1;
             return (state.last_seq, Vec::new());
@@ -309,7 +320,7 @@ impl RelayCore {
             .into_iter()
             .flatten()
             .copied()
-            .filter(|id| *id != author)
+            .filter(|id| *id != sender)
             .filter(|id| {
                 self.conns.get(id).is_some_and(|c| {
                     c.authenticated

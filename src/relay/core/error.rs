@@ -3,6 +3,7 @@
 use crate::crypto::device_log::DeviceLogError;
 use crate::crypto::envelope::EnvelopeId;
 use crate::crypto::group::GroupError;
+use crate::crypto::identity::IdentityError;
 use crate::ids::{AccountId, DeviceId, DocId};
 use crate::wire::frame::ErrorCode;
 use crate::wire::message::Message;
@@ -93,13 +94,52 @@ pub enum RequestError {
     /// The group update does not verify or does not follow the group's chain.
     #[error("group update rejected: {0}")]
     Group(#[source] GroupError),
-    /// The envelope's author is not the connection's device.
+    /// The envelope's author is not the connection's device, where it must be (a snapshot).
     #[error("envelope authored by device {author}, but this connection is device {device}")]
     AuthorMismatch {
         /// The header's author.
         author: DeviceId,
         /// The connection's device.
         device: DeviceId,
+    },
+    /// A forwarded envelope's author is a device no device log on this relay lists.
+    #[error(
+        "envelope authored by device {author}, which no device log on this relay lists; \
+         send its account's log (LogAppend) first"
+    )]
+    UnknownAuthor {
+        /// The header's author.
+        author: DeviceId,
+    },
+    /// A forwarded envelope's author is revoked in every device log on this relay that lists
+    /// it.
+    #[error(
+        "envelope authored by device {author}, which is revoked; this relay takes a revoked \
+         device's envelopes from no one"
+    )]
+    AuthorRevoked {
+        /// The header's author.
+        author: DeviceId,
+    },
+    /// No account of a forwarded envelope's author is or was a member of the group.
+    #[error(
+        "envelope authored by device {author}, whose account is not and never was a member of \
+         group {group} on this relay"
+    )]
+    AuthorNotMember {
+        /// The header's author.
+        author: DeviceId,
+        /// The group the request named.
+        group: DocId,
+    },
+    /// The envelope's signature does not verify under its author's key.
+    #[error("envelope of document {doc} does not verify: {source}")]
+    BadSignature {
+        /// The header's document.
+        doc: DocId,
+        /// What failed; it names the author.
+        #[source]
+        source: IdentityError,
     },
     /// Ephemeral envelopes are not stored.
     #[error("ephemeral envelopes are not stored; send them as datagrams")]
@@ -260,6 +300,9 @@ impl RequestError {
             | RequestError::SignerNotConnection { .. }
             | RequestError::SignerAccountMismatch { .. }
             | RequestError::AuthorMismatch { .. }
+            | RequestError::UnknownAuthor { .. }
+            | RequestError::AuthorRevoked { .. }
+            | RequestError::AuthorNotMember { .. }
             | RequestError::NotInviter => ErrorCode::UNAUTHORISED,
             RequestError::QuotaExceeded { .. } => ErrorCode::QUOTA_EXCEEDED,
             RequestError::RateLimited { .. }
@@ -276,6 +319,7 @@ impl RequestError {
             | RequestError::TooManyNewAccounts { .. }
             | RequestError::Log { .. }
             | RequestError::Group(_)
+            | RequestError::BadSignature { .. }
             | RequestError::EphemeralAppend
             | RequestError::SnapshotAppend
             | RequestError::NotASnapshot

@@ -17,7 +17,7 @@ pub(super) fn chat() -> Chat {
     chat_with(RelayLimits::default())
 }
 
-fn chat_with(limits: RelayLimits) -> Chat {
+pub(super) fn chat_with(limits: RelayLimits) -> Chat {
     let mut fx = Fx::with_limits(limits);
     let alice = Account::new(1);
     let bob = Account::new(2);
@@ -328,8 +328,8 @@ fn appends_that_may_not_be_stored_are_refused() {
     // Not a member.
     let env = envelope(&carol.devices[0], doc, EnvelopeKind::Changes, 1);
     refuse(&mut t.fx, t.c, group_id(1), env, ErrorCode::UNAUTHORISED);
-    // Another device's envelope.
-    let env = envelope(&t.bob.devices[0], doc, EnvelopeKind::Changes, 1);
+    // Forwarded, an envelope by a device of an account that is not a member.
+    let env = envelope(&carol.devices[0], doc, EnvelopeKind::Changes, 1);
     refuse(&mut t.fx, t.a, group_id(1), env, ErrorCode::UNAUTHORISED);
     // Ephemeral envelopes are never stored.
     let env = envelope(&t.alice.devices[0], doc, EnvelopeKind::Ephemeral, 1);

@@ -464,6 +464,13 @@ fn load_restores_what_was_persisted() {
     assert!(
         matches!(&out[..], [Output::CatchUp { items, .. }] if *items == vec![CatchUpItem { doc: doc_id(5), after_seq: 3, snapshot_for: None }])
     );
+    // Device logs and group chains are known again: the laptop forwards envelopes of Bob's (a
+    // member at version 0) and of Alice's phone, each stored under its author's account.
+    for (author, account) in [(&bob.devices[0], bob.id()), (&alice.devices[0], alice.id())] {
+        let env = envelope(author, doc_id(5), EnvelopeKind::Changes, 1);
+        let (_, new) = fx2.append(laptop, group_id(1), env);
+        assert_eq!(new.account, account);
+    }
     let b2 = fx2.connect(&bob.devices[0]);
     fx2.hello(b2, bob.id());
     let out = fx2.subscribe(b2, doc_id(5), group_id(1), 0);

@@ -14,6 +14,7 @@ use crate::wire::message::Subscription;
 
 mod accounts;
 mod docs;
+mod forwards;
 mod hostile;
 mod pairing;
 mod snapshots;
