@@ -45,7 +45,7 @@ mod relays;
 mod signals;
 mod snapshots;
 
-pub use peers::PEER_SNAPSHOT_AFTER_CHANGES;
+pub use peers::{PEER_ANSWER_BUDGET_MS, PEER_SNAPSHOT_AFTER_CHANGES};
 pub use snapshots::{
     MAX_SNAPSHOTS_PER_TICK, SNAPSHOT_AFTER_CHANGES, SNAPSHOT_FORMAT_VERSION,
     SNAPSHOT_TICK_BUDGET_MS,
@@ -264,6 +264,8 @@ pub(crate) struct Worker {
     peers: BTreeMap<u64, peers::Peer>,
     /// Envelopes accepted this turn, archived with its commit.
     archive_queue: Vec<peers::Archived>,
+    /// Peers' `PeerSync`s still being answered, a slice per turn.
+    peer_answers: VecDeque<peers::PeerAnswer>,
     /// What starts connections to peers (set once the engine runs), and the peers dialled.
     pub(crate) dialer: Option<Dialer>,
     dialing: HashMap<DeviceId, (String, tokio::task::JoinHandle<()>)>,
@@ -377,6 +379,7 @@ impl Worker {
             direct: false,
             peers: BTreeMap::new(),
             archive_queue: Vec::new(),
+            peer_answers: VecDeque::new(),
             dialer: None,
             dialing: HashMap::new(),
             discovery: None,
@@ -566,7 +569,8 @@ impl Worker {
                             self.make_snapshots(MAX_SNAPSHOTS_PER_TICK, SNAPSHOT_TICK_BUDGET_MS);
                         }
                         Input::Idle => {
-                            self.idle_work = self.make_snapshots(1, SNAPSHOT_TICK_BUDGET_MS) > 0;
+                            self.idle_work = self.make_snapshots(1, SNAPSHOT_TICK_BUDGET_MS) > 0
+                                || !self.peer_answers.is_empty();
                         }
                         Input::Shutdown => self.stopping = true,
                     }
@@ -578,6 +582,10 @@ impl Worker {
         }
         self.commit_turn();
         self.wake_history();
+        if !self.peer_answers.is_empty() && self.answer_peers(PEER_ANSWER_BUDGET_MS) {
+            // More to answer: the loop comes back to it when nothing else is queued.
+            self.idle_work = true;
+        }
     }
 
     /// Queues the answer to a local operation until the turn's commit.

@@ -41,6 +41,16 @@ pub(crate) struct Peer {
     progress_ms: u64,
 }
 
+/// A `PeerSync` being answered: the documents still to answer.
+pub(super) struct PeerAnswer {
+    link: u64,
+    req: u32,
+    docs: VecDeque<DocVersion>,
+}
+
+/// Worker time per turn spent answering peers' `PeerSync`s (documents are answered whole).
+pub const PEER_ANSWER_BUDGET_MS: u64 = 50;
+
 /// An envelope accepted this turn, archived with the turn's commit (and forwarded once it is
 /// stored, if it is new here).
 pub(super) struct Archived {
@@ -471,28 +481,64 @@ impl Worker {
         }
     }
 
-    /// A peer asks what it lacks: for each document it may see, the archived envelopes past
-    /// its version vector, or, to a device of this account that lacks more than the archive
-    /// holds (or holds nothing of a large document), a snapshot. Then `Done`.
+    /// A peer asks what it lacks: queued, and answered a slice of documents per turn
+    /// ([`Self::answer_peers`]) so a large request does not hold up the app's calls.
     fn on_peer_sync(&mut self, link: u64, req: u32, docs: Vec<DocVersion>) {
-        let own = self
-            .peers
-            .get(&link)
-            .and_then(|p| p.account)
-            .is_some_and(|a| a == self.account());
-        for d in docs {
-            let Some(addr) = self.docs.get(&d.doc).copied() else {
-                continue;
-            };
-            if !self.peer_shares(link, &addr) {
-                tracing::debug!(link, ?addr, "peer asked for a document it does not share");
+        self.peer_answers.push_back(PeerAnswer {
+            link,
+            req,
+            docs: docs.into(),
+        });
+        self.idle_work = true;
+    }
+
+    /// Answers queued `PeerSync`s for up to `budget_ms`: for each document the peer may see,
+    /// the archived envelopes past its version vector, or, to a device of this account that
+    /// lacks more than the archive holds (or holds nothing of a large document), a snapshot.
+    /// A request's `Done` follows its last document. Returns whether any are left.
+    pub(super) fn answer_peers(&mut self, budget_ms: u64) -> bool {
+        let started = std::time::Instant::now();
+        let budget = std::time::Duration::from_millis(budget_ms);
+        while let Some(mut answer) = self.peer_answers.pop_front() {
+            if !self.peers.contains_key(&answer.link) {
+                // The connection ended; the next one asks again.
                 continue;
             }
-            if let Err(e) = self.answer_peer_doc(link, req, &addr, &d.held, own) {
-                tracing::warn!(link, ?addr, error = %e, "answering a peer failed");
+            let own = self
+                .peers
+                .get(&answer.link)
+                .and_then(|p| p.account)
+                .is_some_and(|a| a == self.account());
+            while let Some(d) = answer.docs.pop_front() {
+                self.answer_peer_sync_doc(answer.link, answer.req, d, own);
+                if started.elapsed() >= budget {
+                    break;
+                }
+            }
+            if answer.docs.is_empty() {
+                self.send_peer(answer.link, Message::Done { req: answer.req });
+            } else {
+                self.peer_answers.push_front(answer);
+                return true;
+            }
+            if started.elapsed() >= budget {
+                break;
             }
         }
-        self.send_peer(link, Message::Done { req });
+        !self.peer_answers.is_empty()
+    }
+
+    fn answer_peer_sync_doc(&mut self, link: u64, req: u32, d: DocVersion, own: bool) {
+        let Some(addr) = self.docs.get(&d.doc).copied() else {
+            return;
+        };
+        if !self.peer_shares(link, &addr) {
+            tracing::debug!(link, ?addr, "peer asked for a document it does not share");
+            return;
+        }
+        if let Err(e) = self.answer_peer_doc(link, req, &addr, &d.held, own) {
+            tracing::warn!(link, ?addr, error = %e, "answering a peer failed");
+        }
     }
 
     fn answer_peer_doc(
