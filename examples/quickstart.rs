@@ -4,7 +4,9 @@
 //! folder), exactly as `relay-node` would run it. Alice creates an account on her phone and links
 //! her laptop with a code; Bob does the same with his phone and tablet. Then a message, an edit,
 //! a reaction, read state and a draft reach every device that should see them, Bob's tablet goes
-//! offline while Alice keeps writing, and catches up when it comes back.
+//! offline while Alice keeps writing, and catches up when it comes back. Last, with the relay
+//! gone, Alice links a tablet directly to her laptop, which hands it the history, and the two
+//! keep syncing with no relay at all.
 //!
 //! Every device keeps its replica in its own encrypted SQLite store; the relay only ever holds
 //! sealed envelopes.
@@ -14,9 +16,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use roamsync::engine::{Engine, EngineConfig, Event};
+use roamsync::engine::{CatchUpStage, DirectConfig, Engine, EngineConfig, Event};
 use roamsync::ids::ConversationId;
 use roamsync::net::PeerAddr;
+use roamsync::net::discovery::DiscoveryConfig;
 use roamsync::relay::server::{Relay, RelayConfig};
 use roamsync::store::StorageKey;
 use tokio::sync::broadcast::Receiver;
@@ -245,10 +248,78 @@ async fn main() {
     assert_eq!(page.messages.len(), 4, "the tablet caught up");
     let status = alice_phone.sync_status().await.unwrap();
     println!("alice-phone sync status: {status:?}");
-
-    for e in [alice_phone, alice_laptop, bob_phone, bob_tablet] {
+    for e in [alice_phone, bob_phone, bob_tablet] {
         e.shutdown().await;
     }
+
+    println!("no relay at all: alice's laptop turns direct sync on, the relay goes away,");
+    println!("and alice links a tablet to the laptop directly:");
     relay.shutdown().await;
+    alice_laptop.shutdown().await;
+    let direct = |mut c: EngineConfig| {
+        c.relays.clear();
+        c.direct = Some(DirectConfig {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            // The demo says whom to meet; on a LAN, devices of one account find each other.
+            discovery: DiscoveryConfig {
+                enabled: false,
+                ..DiscoveryConfig::default()
+            },
+            ..DirectConfig::default()
+        });
+        c
+    };
+    let alice_laptop = Engine::open(direct(config(dir.path(), "alice-laptop", &addr)))
+        .await
+        .expect("reopen");
+    let invite = alice_laptop
+        .invite_device_direct("127.0.0.1")
+        .await
+        .expect("an invitation");
+    println!("  alice-laptop shows a QR code of: {invite}");
+    let tablet_config = direct(config(dir.path(), "alice-tablet", &addr));
+    let alice_tablet = Engine::link_direct(tablet_config, &invite, "alice-tablet")
+        .await
+        .expect("linked directly");
+    let mut events = alice_tablet.events();
+    wait_for(&mut events, "the direct catch-up", |e| {
+        if let Event::PeerCatchUp { progress, .. } = e {
+            println!(
+                "  alice-tablet: {:?}, {} of {} documents, {} bytes",
+                progress.stage, progress.docs_done, progress.docs_total, progress.bytes
+            );
+            return progress.stage == CatchUpStage::Done && progress.docs_done >= 3;
+        }
+        false
+    })
+    .await;
+    wait_listed(&alice_tablet, &chat).await;
+    let page = alice_tablet.history(&chat, None, 50).await.unwrap();
+    println!(
+        "  alice-tablet reads {} messages of \"lunch\" with no relay",
+        page.messages.len()
+    );
+    assert_eq!(page.messages.len(), 4, "the whole history came directly");
+    let mut laptop_events = alice_laptop.events();
+    let id = alice_tablet
+        .send(&chat, "sent from the tablet, no relay")
+        .await
+        .unwrap();
+    wait_for(
+        &mut laptop_events,
+        "the tablet's message on the laptop",
+        |e| matches!(e, Event::MessageReceived { id: got, .. } if *got == id),
+    )
+    .await;
+    println!("  alice-laptop got the tablet's message directly");
+    let status = alice_laptop.sync_status().await.unwrap();
+    println!(
+        "  alice-laptop: {} upload(s) wait for a relay; direct peers: {:?}",
+        status.pending_uploads,
+        status.peers.iter().map(|p| &p.addr).collect::<Vec<_>>()
+    );
+    for e in [alice_laptop, alice_tablet] {
+        e.shutdown().await;
+    }
     println!("done");
 }
