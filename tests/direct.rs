@@ -541,3 +541,40 @@ async fn devices_of_one_account_find_each_other_on_the_lan() {
         e.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_of_two_accounts_chat_directly_and_see_only_what_they_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let relays = [relay.addr()];
+    let a = direct_account(dir.path(), "a", &relays).await;
+    let b = direct_account(dir.path(), "b", &relays).await;
+    let shared = a
+        .create_conversation("shared", &[b.account()])
+        .await
+        .unwrap();
+    let private = a.create_conversation("a alone", &[]).await.unwrap();
+    a.send(&private, "not for b").await.unwrap();
+    until_listed(&b, &shared).await;
+
+    // The relay goes away; they meet directly.
+    relay.shutdown().await;
+    b.connect_peer(here(&a)).await.unwrap();
+    until_peered(&a, b.device()).await;
+    a.send(&shared, "from a").await.unwrap();
+    b.send(&shared, "from b").await.unwrap();
+    until_same(&a, &b, &shared, 2).await;
+    // A conversation created while they are connected reaches the member at once.
+    let later = a
+        .create_conversation("later", &[b.account()])
+        .await
+        .unwrap();
+    a.send(&later, "new").await.unwrap();
+    until_listed(&b, &later).await;
+    until_history(&b, &later, 1).await;
+    let listed: Vec<_> = b.conversation_list().await.unwrap();
+    assert!(listed.iter().all(|s| s.id != private), "{listed:?}");
+    assert!(b.history(&private, None, 10).await.is_err());
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -965,8 +965,10 @@ impl Engine {
 
     // ---- conversations and messages -----------------------------------------------------------
 
-    /// Creates a conversation with `others` (other accounts; empty for notes to self). Needs a
-    /// connected relay to read the other accounts' device lists, so their devices get the key.
+    /// Creates a conversation with `others` (other accounts; empty for notes to self). Reads
+    /// the other accounts' device lists from a connected relay, so their devices get the key;
+    /// with no relay, it uses the lists held here (a direct peer's is fresh from its hello) and
+    /// fails with [`EngineError::Offline`] if one is missing.
     pub async fn create_conversation(
         &self,
         title: &str,
