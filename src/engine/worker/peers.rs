@@ -63,6 +63,22 @@ pub(super) struct Archived {
     pub from: Option<u64>,
 }
 
+/// Of an author's archived change ranges (sorted by first change, each reaching past
+/// `after`), how many continue a peer's sequence `1..=after` without a gap, and the last change
+/// they reach.
+fn continuing(after: u64, ranges: &[(u64, u64)]) -> (usize, u64) {
+    let mut reached = after;
+    let mut usable = 0;
+    for (first, last) in ranges {
+        if *first > reached + 1 {
+            break;
+        }
+        reached = reached.max(*last);
+        usable += 1;
+    }
+    (usable, reached)
+}
+
 /// Why a peer was turned away (sent to it, and reported to the app).
 fn refusal(what: impl std::fmt::Display) -> String {
     format!("refused: {what}")
@@ -560,20 +576,11 @@ impl Worker {
                 continue;
             }
             lacking += n - after;
-            // The archive's envelopes of one author are disjoint ranges; they answer if they
-            // continue the peer's sequence without a gap.
-            let mut next = after + 1;
-            for (first, last, bytes) in self.replica.store().archived_after(addr, author, after)? {
-                if first > next {
-                    complete = false;
-                    break;
-                }
-                next = next.max(last + 1);
-                envelopes.push(bytes);
-            }
-            if next <= *n {
-                complete = false;
-            }
+            let rows = self.replica.store().archived_after(addr, author, after)?;
+            let ranges: Vec<(u64, u64)> = rows.iter().map(|(f, l, _)| (*f, *l)).collect();
+            let (usable, reached) = continuing(after, &ranges);
+            complete &= reached >= *n;
+            envelopes.extend(rows.into_iter().take(usable).map(|(_, _, bytes)| bytes));
         }
         if lacking == 0 {
             return Ok(());
@@ -1009,5 +1016,22 @@ impl Worker {
                 bytes_sent: p.traffic.sent(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::continuing;
+
+    #[test]
+    fn archived_ranges_answer_up_to_the_first_gap() {
+        // Nothing archived: the peer's own point.
+        assert_eq!(continuing(4, &[]), (0, 4));
+        // Contiguous from the start, and from the middle of a range the peer partly holds.
+        assert_eq!(continuing(0, &[(1, 3), (4, 4), (5, 9)]), (3, 9));
+        assert_eq!(continuing(5, &[(4, 6), (7, 7)]), (2, 7));
+        // A gap (history that arrived in a snapshot is not archived) stops the answer.
+        assert_eq!(continuing(0, &[(3, 5), (6, 8)]), (0, 0));
+        assert_eq!(continuing(2, &[(3, 5), (7, 8)]), (1, 5));
     }
 }
