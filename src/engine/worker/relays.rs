@@ -545,8 +545,12 @@ impl Worker {
     ) {
         tracing::warn!(relay, ?code, %text, ?pending, "relay refused a request");
         match pending {
-            Some(Pending::Append { outbox }) if code == ErrorCode::REJECTED => {
-                // The relay will never take it (e.g. an equivocation): keep it locally for
+            Some(Pending::Append { outbox })
+                if code == ErrorCode::REJECTED
+                    || (code == ErrorCode::UNAUTHORISED && self.is_forwarded(outbox)) =>
+            {
+                // The relay will never take it (an equivocation; another device's envelope
+                // whose author it does not accept, e.g. revoked since): keep it locally for
                 // other relays, but stop offering it to this one.
                 if let Some(it) = self.outbox.get_mut(&outbox) {
                     it.acked |= 1u64 << relay.min(63);
@@ -585,6 +589,13 @@ impl Worker {
             _ => {}
         }
         self.emit(Event::RelayError { code, text });
+    }
+
+    /// Whether outbox row `outbox` holds another device's envelope, learnt directly.
+    fn is_forwarded(&self, outbox: i64) -> bool {
+        self.outbox
+            .get(&outbox)
+            .is_some_and(|it| it.envelope.header.author != self.device())
     }
 
     pub(super) fn on_ack(
