@@ -1,0 +1,173 @@
+//! The simulation runs of `cargo test`: fixed seeds, determinism, regressions, replay and a
+//! soak for local use (see docs/TESTING.md).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use super::{ALL_MALICE, Config, Malice, Report, run};
+
+/// Honest-relay seeds per test (two tests, so two cores share them).
+const HONEST_SEEDS_PER_TEST: u64 = 400;
+/// Seeds per malicious mode.
+const MALICE_SEEDS: u64 = 40;
+
+/// Seeds that once failed, with their mode; each is a bug that was fixed (see the git log).
+const REGRESSIONS: &[(u64, Option<Malice>)] = &[];
+
+fn mode_name(m: Option<Malice>) -> String {
+    m.map_or("honest".into(), |m| format!("{m:?}").to_lowercase())
+}
+
+fn mode_of(name: &str) -> Option<Malice> {
+    ALL_MALICE
+        .iter()
+        .copied()
+        .find(|m| mode_name(Some(*m)) == name.to_lowercase())
+}
+
+fn config(malice: Option<Malice>) -> Config {
+    Config {
+        malice,
+        ..Config::default()
+    }
+}
+
+/// Runs one seed; a failure or panic prints how to replay it.
+fn run_one(seed: u64, malice: Option<Malice>) -> Result<Report, String> {
+    let outcome = catch_unwind(AssertUnwindSafe(|| run(seed, &config(malice))));
+    let error = match outcome {
+        Ok(Ok(report)) => return Ok(report),
+        Ok(Err(e)) => e,
+        Err(panic) => panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .map_or("panic".into(), |s| format!("panic: {s}")),
+    };
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let msg = format!(
+        "simulation failed at commit {commit}: {error}\n  replay: SIM_SEED={seed} SIM_MODE={} cargo test --lib sim::tests::replay -- --nocapture",
+        mode_name(malice)
+    );
+    eprintln!("{msg}");
+    Err(msg)
+}
+
+fn run_range(seeds: std::ops::Range<u64>, malice: Option<Malice>) {
+    let failures: Vec<String> = seeds.filter_map(|s| run_one(s, malice).err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} runs failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn honest_seeds_first_half() {
+    run_range(0..HONEST_SEEDS_PER_TEST, None);
+}
+
+#[test]
+fn honest_seeds_second_half() {
+    run_range(HONEST_SEEDS_PER_TEST..2 * HONEST_SEEDS_PER_TEST, None);
+}
+
+#[test]
+fn malicious_relay_seeds() {
+    for m in ALL_MALICE {
+        run_range(0..MALICE_SEEDS, Some(m));
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace() {
+    for seed in [1, 2, 77] {
+        for malice in [None, Some(Malice::Reorder)] {
+            let a = run_one(seed, malice).expect("the run passes");
+            let b = run_one(seed, malice).expect("the run passes");
+            assert_eq!(
+                a.trace, b.trace,
+                "seed {seed} {malice:?} is not deterministic"
+            );
+            assert_eq!(a.stats, b.stats);
+        }
+    }
+    let a = run_one(1, None).expect("passes");
+    let b = run_one(2, None).expect("passes");
+    assert_ne!(
+        a.trace, b.trace,
+        "different seeds should give different runs"
+    );
+}
+
+#[test]
+fn runs_exercise_the_faults() {
+    let mut total = super::Stats::default();
+    for seed in 0..20 {
+        let s = run_one(seed, None).expect("passes").stats;
+        total.sends += s.sends;
+        total.device_crashes += s.device_crashes;
+        total.relay_crashes += s.relay_crashes;
+        total.links_cut += s.links_cut;
+        total.partitions += s.partitions;
+    }
+    assert!(total.sends > 100, "{total:?}");
+    assert!(total.device_crashes > 5, "{total:?}");
+    assert!(total.relay_crashes > 2, "{total:?}");
+    assert!(total.links_cut > 5, "{total:?}");
+    assert!(total.partitions > 5, "{total:?}");
+}
+
+#[test]
+fn regression_seeds() {
+    for (seed, malice) in REGRESSIONS {
+        run_one(*seed, *malice).expect("a regression seed passes");
+    }
+}
+
+/// `SIM_SEED=<seed> [SIM_MODE=<mode>] cargo test --lib sim::tests::replay -- --nocapture`
+/// replays one run and prints its trace hash and counts. Does nothing without `SIM_SEED`.
+#[test]
+fn replay() {
+    let Some(seed) = std::env::var("SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let mode = std::env::var("SIM_MODE").unwrap_or_else(|_| "honest".into());
+    let malice = mode_of(&mode);
+    let report = run_one(seed, malice).expect("the replayed run passes");
+    println!(
+        "seed {seed} mode {mode}: trace {} {:?}",
+        blake3::Hash::from(report.trace).to_hex(),
+        report.stats
+    );
+}
+
+/// `SIM_RUNS=<n> cargo test --lib sim::tests::soak -- --ignored --nocapture`: `n` seeds from
+/// `SIM_FROM` (default 1,000,000) in every mode.
+#[test]
+#[ignore = "a long soak for local use"]
+fn soak() {
+    let runs: u64 = std::env::var("SIM_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000);
+    let from: u64 = std::env::var("SIM_FROM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let mut failures = 0;
+    for seed in from..from + runs {
+        failures += usize::from(run_one(seed, None).is_err());
+        let m = ALL_MALICE[(seed % ALL_MALICE.len() as u64) as usize];
+        failures += usize::from(run_one(seed, Some(m)).is_err());
+    }
+    assert_eq!(failures, 0);
+}
