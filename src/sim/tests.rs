@@ -10,8 +10,15 @@ const HONEST_SEEDS_PER_TEST: u64 = 400;
 /// Seeds per malicious mode.
 const MALICE_SEEDS: u64 = 40;
 
-/// Seeds that once failed, with their mode; each is a bug that was fixed (see the git log).
-const REGRESSIONS: &[(u64, Option<Malice>)] = &[];
+/// Seeds that once failed, with their mode.
+const REGRESSIONS: &[(u64, Option<Malice>)] = &[
+    // The simulated device dropped appends refused with `UNAUTHORISED` before the account
+    // group reached the relay, losing account-document changes (a simulator bug).
+    (0, None),
+    // A member removed while offline is never told; its appends wait for good (finding 3 in
+    // docs/TESTING.md).
+    (28, None),
+];
 
 fn mode_name(m: Option<Malice>) -> String {
     m.map_or("honest".into(), |m| format!("{m:?}").to_lowercase())
@@ -22,6 +29,11 @@ fn mode_of(name: &str) -> Option<Malice> {
         .iter()
         .copied()
         .find(|m| mode_name(Some(*m)) == name.to_lowercase())
+}
+
+/// Runs one seed with a configuration.
+fn run_with(seed: u64, cfg: &Config) -> Result<Report, String> {
+    catch_unwind(AssertUnwindSafe(|| run(seed, cfg))).unwrap_or_else(|_| Err("panic".into()))
 }
 
 fn config(malice: Option<Malice>) -> Config {
@@ -77,11 +89,27 @@ fn honest_seeds_second_half() {
     run_range(HONEST_SEEDS_PER_TEST..2 * HONEST_SEEDS_PER_TEST, None);
 }
 
+fn run_modes(modes: &[Malice]) {
+    let failures: Vec<String> = modes
+        .iter()
+        .flat_map(|m| (0..MALICE_SEEDS).filter_map(move |s| run_one(s, Some(*m)).err()))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} runs failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 #[test]
-fn malicious_relay_seeds() {
-    for m in ALL_MALICE {
-        run_range(0..MALICE_SEEDS, Some(m));
-    }
+fn malicious_relay_seeds_first_half() {
+    run_modes(&ALL_MALICE[..3]);
+}
+
+#[test]
+fn malicious_relay_seeds_second_half() {
+    run_modes(&ALL_MALICE[3..]);
 }
 
 #[test]
@@ -127,6 +155,38 @@ fn runs_exercise_the_faults() {
 fn regression_seeds() {
     for (seed, malice) in REGRESSIONS {
         run_one(*seed, *malice).expect("a regression seed passes");
+    }
+}
+
+/// Known issue: a push the relay drops (the protocol allows it on a slow connection) is only
+/// noticed when a later push or acknowledgement of the same document, log or group shows the
+/// gap. When none follows — the last message of a conversation, a new group's version 0, a
+/// log entry — the device stays behind until it reconnects.
+#[test]
+#[ignore = "known issue: a dropped last push is never fetched (docs/TESTING.md, Findings)"]
+fn known_a_dropped_last_push_is_never_fetched() {
+    let cfg = Config {
+        push_drop_per_mille: 100,
+        ..Config::default()
+    };
+    for seed in [0, 1, 2] {
+        run_with(seed, &cfg).expect("converges once the network heals");
+    }
+}
+
+/// Known issue: the device takes a fetch or catch-up answer to be contiguous and checks only
+/// the first item's `prev`; an envelope left out of the middle of an answer is skipped by the
+/// cursor, and the changes after it that depend on it wait for dependencies for good.
+#[test]
+#[ignore = "known issue: a gap inside one answer is not detected (docs/TESTING.md, Findings)"]
+fn known_an_envelope_left_out_of_an_answer_is_skipped() {
+    let cfg = Config {
+        malice: Some(Malice::Drop),
+        strict: true,
+        ..Config::default()
+    };
+    for seed in [9, 21, 22, 31, 34] {
+        run_with(seed, &cfg).expect("converges once the relay is honest");
     }
 }
 
