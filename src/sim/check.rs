@@ -13,15 +13,12 @@ use super::relay::Malice;
 use super::{Device, World};
 
 /// Whether, for this mode, the devices must converge once the relay is honest again: a relay
-/// that reorders or replays envelopes, or forges log entries, costs at most fetches; one that
-/// leaves an envelope out of the middle of an answer, truncates history or serves another
-/// document's envelopes moves cursors over envelopes the device never applied, which only a
-/// fetch from 0 repairs (see docs/SECURITY.md).
+/// that drops, reorders or replays envelopes, or forges log entries, costs at most fetches;
+/// one that truncates history (rewriting `prev`) or serves another document's envelopes moves
+/// cursors over envelopes the device never applied, which only a fetch from 0 repairs (see
+/// docs/SECURITY.md).
 pub(crate) fn converges_after(malice: Option<Malice>) -> bool {
-    !matches!(
-        malice,
-        Some(Malice::Drop | Malice::Truncate | Malice::WrongDoc)
-    )
+    !matches!(malice, Some(Malice::Truncate | Malice::WrongDoc))
 }
 
 pub(super) fn after_run(w: &World) -> Result<(), String> {

@@ -446,7 +446,6 @@ impl Device {
                 from_seq,
             });
         }
-        self.retry_blocked();
         self.subscribe_new();
         self.send_outbox();
         assert!(
@@ -564,7 +563,9 @@ impl Device {
         });
     }
 
-    fn retry_blocked(&mut self) {
+    /// Fetches again the documents whose envelopes could not be opened yet (after a group's
+    /// updates arrived, as the engine does).
+    pub(super) fn retry_blocked(&mut self) {
         let docs: Vec<DocId> = self.blocked.keys().copied().collect();
         for doc in docs {
             if self.session.doc_cursor(&doc).is_some_and(|c| c.fetching) {
@@ -609,11 +610,10 @@ impl Device {
                 fetches.push((*group, g.updates.len() as u32));
             }
         }
-        for (group, v) in &listed {
+        for group in listed.keys() {
             if !self.groups.contains_key(group) {
                 fetches.push((*group, 0));
             }
-            let _ = v;
         }
         for update in posts {
             self.post_group(update);

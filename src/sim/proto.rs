@@ -72,10 +72,17 @@ impl Device {
                 self.on_log_entries(account, first_seq, entries);
             }
             Message::GroupUpdates {
-                req: _,
+                req,
                 group,
                 updates,
-            } => self.on_group_updates(group, updates),
+            } => {
+                let answer =
+                    req != 0 && matches!(self.session.pending(req), Some(Pending::FetchGroup(_)));
+                self.on_group_updates(group, updates);
+                if answer {
+                    self.retry_blocked();
+                }
+            }
             Message::Error { req, code, text } => self.on_error(req, code, text),
             other => self.refused.push(format!("unexpected message {other:?}")),
         }
@@ -128,6 +135,10 @@ impl Device {
                     log_len,
                     log_head,
                 });
+            }
+            Some(Pending::FetchGroup(_)) => {
+                self.retry_blocked();
+                self.subscribe_new();
             }
             _ => self.subscribe_new(),
         }
@@ -304,11 +315,8 @@ impl Device {
             if is_fetch {
                 self.session.finish(req);
             }
-            let span = items
-                .first()
-                .zip(items.last())
-                .map(|(f, l)| (f.prev, l.seq));
-            let step = self.session.on_fetched(doc, span, more && is_fetch);
+            let chain: Vec<(u64, u64)> = items.iter().map(|i| (i.seq, i.prev)).collect();
+            let step = self.session.on_answer(doc, &chain, more && is_fetch);
             if !more && is_fetch {
                 self.session.caught_up(&doc);
             }

@@ -18,6 +18,13 @@ const REGRESSIONS: &[(u64, Option<Malice>)] = &[
     // A member removed while offline is never told; its appends wait for good (finding 3 in
     // docs/TESTING.md).
     (28, None),
+    // An envelope left out of the middle of an answer was moved over by the cursor; the
+    // changes after it waited for dependencies for good (fixed: `Session::on_answer`).
+    (9, Some(Malice::Drop)),
+    (21, Some(Malice::Drop)),
+    (22, Some(Malice::Drop)),
+    (31, Some(Malice::Drop)),
+    (34, Some(Malice::Drop)),
 ];
 
 fn mode_name(m: Option<Malice>) -> String {
@@ -171,22 +178,6 @@ fn known_a_dropped_last_push_is_never_fetched() {
     };
     for seed in [0, 1, 2] {
         run_with(seed, &cfg).expect("converges once the network heals");
-    }
-}
-
-/// Known issue: the device takes a fetch or catch-up answer to be contiguous and checks only
-/// the first item's `prev`; an envelope left out of the middle of an answer is skipped by the
-/// cursor, and the changes after it that depend on it wait for dependencies for good.
-#[test]
-#[ignore = "known issue: a gap inside one answer is not detected (docs/TESTING.md, Findings)"]
-fn known_an_envelope_left_out_of_an_answer_is_skipped() {
-    let cfg = Config {
-        malice: Some(Malice::Drop),
-        strict: true,
-        ..Config::default()
-    };
-    for seed in [9, 21, 22, 31, 34] {
-        run_with(seed, &cfg).expect("converges once the relay is honest");
     }
 }
 
