@@ -10,5 +10,7 @@ pub mod ids;
 pub mod model;
 pub mod net;
 pub mod relay;
+#[cfg(test)]
+mod sim;
 pub mod store;
 pub mod wire;

@@ -28,7 +28,7 @@
 
 mod conn;
 mod direct;
-mod session;
+pub(crate) mod session;
 mod state;
 mod worker;
 

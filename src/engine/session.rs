@@ -336,6 +336,25 @@ impl Session {
         step
     }
 
+    /// A fetch or catch-up answer of `doc`, given as each item's `(seq, prev)`: the chained
+    /// prefix (each item's `prev` the `seq` before it) goes to [`Session::on_fetched`], and an
+    /// item that breaks the chain is taken as a push ([`Session::on_pushed`]), so a gap inside
+    /// an answer is fetched instead of moved over.
+    pub fn on_answer(&mut self, doc: DocId, items: &[(u64, u64)], more: bool) -> CursorStep {
+        let chained = items
+            .windows(2)
+            .position(|w| w[1].1 != w[0].0)
+            .map_or(items.len(), |i| i + 1);
+        let span = items.first().map(|first| (first.1, items[chained - 1].0));
+        let mut step = self.on_fetched(doc, span, more);
+        if let Some(&(seq, prev)) = items.get(chained) {
+            let s = self.on_pushed(doc, seq, prev);
+            step.advanced_to = s.advanced_to.or(step.advanced_to);
+            step.fetch_after = step.fetch_after.or(s.fetch_after);
+        }
+        step
+    }
+
     /// A snapshot of `doc` covering every envelope up to `covers` was applied.
     pub fn on_snapshot(&mut self, doc: DocId, covers: u64) -> CursorStep {
         let c = self.cursors.entry(doc).or_default();
@@ -434,6 +453,23 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gap_inside_an_answer_is_fetched_not_moved_over() {
+        let mut s = Session::new([(doc(), 10)]);
+        let req = s.request(Pending::Fetch(doc()));
+        assert!(s.pending(req).is_some());
+        // 12 is missing between 11 and 13.
+        let step = s.on_answer(doc(), &[(11, 10), (13, 12), (14, 13)], false);
+        assert_eq!(s.cursor(&doc()), 11);
+        assert_eq!(step.fetch_after, Some(11));
+        assert!(s.doc_cursor(&doc()).is_some_and(|c| c.behind && c.fetching));
+        // A chained answer moves the cursor to its end.
+        let mut s = Session::new([(doc(), 10)]);
+        let step = s.on_answer(doc(), &[(11, 10), (12, 11), (14, 12)], false);
+        assert_eq!(s.cursor(&doc()), 14);
+        assert_eq!(step.fetch_after, None);
+    }
 
     fn doc() -> DocId {
         DocId::from_bytes([1; 32])

@@ -36,7 +36,7 @@ impl Worker {
             }
             let step = r
                 .session
-                .on_fetched(doc, fetched_span(&items), more && is_fetch);
+                .on_answer(doc, &answer_items(&items), more && is_fetch);
             // Only a fetch that reached the end clears a gap a push showed: a catch-up ending
             // says nothing of pushes dropped meanwhile (`end_catch_up` fetches for those).
             if !more && is_fetch {
@@ -338,9 +338,9 @@ impl Worker {
     }
 }
 
-/// The first item's `prev` and the last item's sequence number of a fetch or catch-up answer.
-fn fetched_span(items: &[StoredEnvelope]) -> Option<(u64, u64)> {
-    Some((items.first()?.prev, items.last()?.seq))
+/// Each item's sequence number and `prev`, for the cursor.
+fn answer_items(items: &[StoredEnvelope]) -> Vec<(u64, u64)> {
+    items.iter().map(|i| (i.seq, i.prev)).collect()
 }
 
 /// Whether opening failed only for what this device does not know yet: the author's device

@@ -1,0 +1,265 @@
+//! The checks after a run: convergence, nothing lost, nothing shown twice, nothing read after a
+//! removal, nothing forged, bounded queues.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::ReadDoc;
+
+use crate::ids::{AccountId, ConversationId, DocAddr, MessageId};
+use crate::model::{Message, Replica};
+
+use super::ops::Done;
+use super::relay::Malice;
+use super::{Device, World};
+
+/// Whether, for this mode, the devices must converge once the relay is honest again: a relay
+/// that drops, reorders or replays envelopes, or forges log entries, costs at most fetches;
+/// one that truncates history (rewriting `prev`) or serves another document's envelopes moves
+/// cursors over envelopes the device never applied, which only a fetch from 0 repairs (see
+/// docs/SECURITY.md).
+pub(crate) fn converges_after(malice: Option<Malice>) -> bool {
+    !matches!(malice, Some(Malice::Truncate | Malice::WrongDoc))
+}
+
+pub(super) fn after_run(w: &World) -> Result<(), String> {
+    no_forgery(w)?;
+    if w.cfg.malice.is_none() {
+        for d in &w.devices {
+            let bad: Vec<&String> = d
+                .refused
+                .iter()
+                .filter(|r| !r.starts_with("append refused"))
+                .collect();
+            if !bad.is_empty() {
+                return Err(format!("device {} refused honest input: {bad:?}", d.idx));
+            }
+        }
+    }
+    if !converges_after(w.cfg.malice) && !w.cfg.strict {
+        return Ok(());
+    }
+    convergence(w)?;
+    no_loss(w)?;
+    Ok(())
+}
+
+/// Every message of a conversation on a device, oldest first.
+fn all_messages(r: &Replica, c: &ConversationId) -> Result<Vec<Message>, String> {
+    let mut out = Vec::new();
+    let mut before = None;
+    loop {
+        let page = r
+            .history(c, before, crate::model::limits::MAX_PAGE)
+            .map_err(|e| format!("history: {e}"))?;
+        let mut msgs = page.messages;
+        msgs.extend(out);
+        out = msgs;
+        match page.next {
+            Some(next) => before = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// The final members of each conversation: the longest chain any device holds.
+fn final_members(w: &World) -> BTreeMap<ConversationId, (usize, Vec<AccountId>)> {
+    let mut out: BTreeMap<ConversationId, (usize, Vec<AccountId>)> = BTreeMap::new();
+    for d in &w.devices {
+        for g in d.groups.values() {
+            let (Some(DocAddr::Meta(c)), Some(latest)) = (g.addr, g.latest()) else {
+                continue;
+            };
+            let e = out.entry(c).or_default();
+            if g.updates.len() > e.0 {
+                *e = (g.updates.len(), latest.members.clone());
+            }
+        }
+    }
+    out
+}
+
+fn devices_of<'a>(w: &'a World, account: &AccountId) -> impl Iterator<Item = &'a Device> {
+    let account = *account;
+    w.devices
+        .iter()
+        .filter(move |d| d.account() == account && d.is_current())
+}
+
+/// All devices that should hold a document hold the same changes and show the same thing.
+fn convergence(w: &World) -> Result<(), String> {
+    for account in &w.accounts {
+        let addr = DocAddr::Account(*account);
+        let mut heads = BTreeSet::new();
+        for d in devices_of(w, account) {
+            heads.insert(d.replica.heads(&addr));
+        }
+        if heads.len() > 1 {
+            let detail: Vec<String> = devices_of(w, account)
+                .map(|d| {
+                    format!(
+                        "device {}: {:?} cursor {:?} subscribed {}",
+                        d.idx,
+                        d.replica.version_vector(&addr),
+                        d.session.doc_cursor(&addr.doc_id()),
+                        d.is_subscribed(&addr.doc_id()),
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "account document of {account:?} diverged: {detail:#?}"
+            ));
+        }
+    }
+    for (c, (len, members)) in final_members(w) {
+        let mut views: Vec<(usize, String)> = Vec::new();
+        for account in &members {
+            for d in devices_of(w, account) {
+                let held = d
+                    .groups
+                    .get(&DocAddr::Meta(c).doc_id())
+                    .map_or(0, |g| g.updates.len());
+                if held != len {
+                    return Err(format!(
+                        "device {} holds {held} of {len} updates of the group of {c:?}",
+                        d.idx
+                    ));
+                }
+                if !d.replica.has_meta(&c) {
+                    return Err(format!("device {} lacks conversation {c:?}", d.idx));
+                }
+                let segments = d.replica.segment_numbers(&c).map_err(|e| e.to_string())?;
+                let mut state = format!("{:?}", d.replica.heads(&DocAddr::Meta(c)));
+                for n in &segments {
+                    let addr = DocAddr::Segment(c, *n);
+                    let doc = d.replica.synced_doc(&addr);
+                    if doc.is_some_and(|s| s.pending_len() > 0) {
+                        return Err(format!(
+                            "device {} has changes of {addr:?} waiting for dependencies",
+                            d.idx
+                        ));
+                    }
+                    state.push_str(&format!(" {n}:{:?}", d.replica.heads(&addr)));
+                }
+                let msgs = all_messages(&d.replica, &c)?;
+                let ids: BTreeSet<MessageId> = msgs.iter().map(|m| m.id).collect();
+                if ids.len() != msgs.len() {
+                    return Err(format!("device {} shows a message twice in {c:?}", d.idx));
+                }
+                let members = d.replica.members(&c).map_err(|e| e.to_string())?;
+                state.push_str(&format!(" {members:?} {msgs:?}"));
+                views.push((d.idx, state));
+            }
+        }
+        if let Some((first, rest)) = views.split_first() {
+            for v in rest {
+                if v.1 != first.1 {
+                    return Err(format!(
+                        "conversation {c:?} diverged between devices {} and {}",
+                        first.0, v.0
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every operation that returned is everywhere it should be; a removed account reads nothing
+/// written after its removal.
+fn no_loss(w: &World) -> Result<(), String> {
+    let members = final_members(w);
+    for (author, done) in &w.done {
+        let author_account = w.devices[*author].account();
+        match done {
+            Done::Sent {
+                conversation,
+                id,
+                excluded,
+            } => {
+                let Some((_, m)) = members.get(conversation) else {
+                    return Err(format!("message {id:?} in a conversation nobody holds"));
+                };
+                if m.contains(&author_account) {
+                    for account in m {
+                        for d in devices_of(w, account) {
+                            if d.replica.message(conversation, id).is_err() {
+                                return Err(format!(
+                                    "device {} lacks message {id:?} sent by device {author}",
+                                    d.idx
+                                ));
+                            }
+                        }
+                    }
+                }
+                for account in excluded {
+                    for d in devices_of(w, account) {
+                        if d.replica.message(conversation, id).is_ok() {
+                            return Err(format!(
+                                "removed device {} reads message {id:?} written after the removal",
+                                d.idx
+                            ));
+                        }
+                    }
+                }
+            }
+            Done::Created { conversation } => {
+                let Some((_, m)) = members.get(conversation) else {
+                    return Err(format!("created conversation {conversation:?} lost"));
+                };
+                for account in m {
+                    for d in devices_of(w, account) {
+                        if !d.replica.has_meta(conversation) {
+                            return Err(format!(
+                                "device {} lacks conversation {conversation:?}",
+                                d.idx
+                            ));
+                        }
+                    }
+                }
+            }
+            Done::Other(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Nothing a device holds was forged: every change is one its author device made (the same
+/// hash in the author's own replica), in the same document; every log is the account's own.
+fn no_forgery(w: &World) -> Result<(), String> {
+    let by_device: BTreeMap<crate::ids::DeviceId, &Device> =
+        w.devices.iter().map(|d| (d.device(), d)).collect();
+    for d in &w.devices {
+        for addr in d.replica.docs() {
+            let Some(doc) = d.replica.synced_doc(&addr) else {
+                continue;
+            };
+            for change in doc.doc().get_changes(&[]) {
+                let actor = crate::ids::DeviceId::from_bytes(
+                    change
+                        .actor_id()
+                        .to_bytes()
+                        .try_into()
+                        .map_err(|_| "an actor that is not a device id".to_string())?,
+                );
+                let Some(author) = by_device.get(&actor) else {
+                    return Err(format!("device {} holds a change by a stranger", d.idx));
+                };
+                let genuine = author
+                    .replica
+                    .synced_doc(&addr)
+                    .is_some_and(|a| a.doc().get_change_by_hash(&change.hash()).is_some());
+                if !genuine {
+                    return Err(format!(
+                        "device {} holds a change of {addr:?} its author device {} does not",
+                        d.idx, author.idx
+                    ));
+                }
+            }
+        }
+        let expected = w.cfg.devices_per_account;
+        if d.log.len() != expected || d.logs.values().any(|l| l.len() != expected) {
+            return Err(format!("device {} accepted a forged log entry", d.idx));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,457 @@
+//! What a simulated device does with each message from the relay: the checks and bookkeeping
+//! of the engine (`src/engine/worker/{relays,envelopes,groups}.rs`), sans-IO.
+
+use crate::crypto::device_log::DeviceLog;
+use crate::crypto::envelope::{EnvelopeError, EnvelopeKind, SealedEnvelope};
+use crate::crypto::group::GroupUpdate;
+use crate::crypto::keys::KeyEpoch;
+use crate::engine::session::Pending;
+use crate::ids::{AccountId, DeviceId, DocAddr, DocId};
+use crate::model::ChangeBatch;
+use crate::wire::frame::ErrorCode;
+use crate::wire::message::{Message, StoredEnvelope};
+
+use super::device::{Device, GroupKeys, MAX_BLOCKED_RETRIES, Stage, group_of};
+
+/// Why an envelope was not applied.
+enum OpenError {
+    /// The author's log or the epoch's key may still arrive.
+    NotYet(String),
+    /// Refused for good.
+    Refused(String),
+}
+
+impl Device {
+    /// Handles one message from the relay, then commits the turn.
+    pub fn handle(&mut self, msg: Message, now_ms: u64) {
+        self.last_heard_ms = now_ms;
+        self.attempt = 0;
+        match msg {
+            Message::HelloOk {
+                req,
+                log_len,
+                groups,
+                ..
+            } => {
+                self.session.finish(req);
+                self.on_hello_ok(log_len, &groups);
+            }
+            Message::Done { req } => self.on_done(req),
+            Message::Ack {
+                req,
+                doc,
+                seq,
+                prev,
+                duplicate,
+            } => {
+                if let Some(Pending::Append { outbox }) = self.session.finish(req) {
+                    self.outbox.remove(&(outbox as u64));
+                }
+                if !duplicate {
+                    let step = self.session.on_pushed(doc, seq, prev);
+                    if let Some(after) = step.fetch_after {
+                        self.fetch(doc, after);
+                    }
+                }
+            }
+            Message::Envelopes {
+                req,
+                doc,
+                items,
+                more,
+            } => self.on_envelopes(req, doc, items, more, now_ms),
+            Message::LogEntries {
+                req,
+                account,
+                first_seq,
+                entries,
+            } => {
+                if req != 0 {
+                    self.session.finish(req);
+                }
+                self.on_log_entries(account, first_seq, entries);
+            }
+            Message::GroupUpdates {
+                req,
+                group,
+                updates,
+            } => {
+                let answer =
+                    req != 0 && matches!(self.session.pending(req), Some(Pending::FetchGroup(_)));
+                self.on_group_updates(group, updates);
+                if answer {
+                    self.retry_blocked();
+                }
+            }
+            Message::Error { req, code, text } => self.on_error(req, code, text),
+            other => self.refused.push(format!("unexpected message {other:?}")),
+        }
+        self.commit();
+    }
+
+    fn on_hello_ok(&mut self, relay_len: u32, groups: &[(DocId, u32)]) {
+        let ours = self.log.len() as u32;
+        let account = self.account();
+        if relay_len < ours {
+            let entries = self.log.entries()[relay_len as usize..].to_vec();
+            let req = self.session.request(Pending::LogAppendThenHello);
+            self.out.push(Message::LogAppend {
+                req,
+                account,
+                first_seq: relay_len,
+                entries,
+            });
+            return;
+        }
+        if relay_len > ours {
+            let req = self.session.request(Pending::FetchLog(account));
+            self.out.push(Message::FetchLog {
+                req,
+                account,
+                from_seq: ours,
+            });
+        }
+        self.set_relay_groups(groups);
+        self.stage = Stage::Live;
+        self.subscribe_new();
+        self.send_outbox();
+    }
+
+    fn on_done(&mut self, req: u32) {
+        match self.session.finish(req) {
+            Some(Pending::Subscribe(docs)) => {
+                self.session.subscription_ended(req);
+                for (doc, after) in self.session.end_catch_up(&docs) {
+                    self.fetch(doc, after);
+                }
+            }
+            Some(Pending::LogAppendThenHello) => {
+                let (account, log_len, log_head) =
+                    (self.account(), self.log.len() as u32, self.log.head());
+                let req = self.session.request(Pending::Hello);
+                self.out.push(Message::Hello {
+                    req,
+                    account,
+                    log_len,
+                    log_head,
+                });
+            }
+            Some(Pending::FetchGroup(_)) => {
+                self.retry_blocked();
+                self.subscribe_new();
+            }
+            _ => self.subscribe_new(),
+        }
+    }
+
+    fn on_error(&mut self, req: u32, code: ErrorCode, text: String) {
+        if req == 0 {
+            // The connection as a whole (e.g. this device was revoked).
+            self.drop_link = true;
+            return;
+        }
+        match self.session.finish(req) {
+            Some(Pending::Append { outbox }) => {
+                // Refused for good: an equivocation, or the write of a member removed
+                // meanwhile. Anything else is offered again a second later.
+                let group = self.outbox.get(&(outbox as u64)).map(|o| o.group);
+                let account = self.account();
+                let removed = group.is_some_and(|g| {
+                    self.groups
+                        .get(&g)
+                        .and_then(|g| g.latest())
+                        .is_some_and(|u| !u.is_member(&account))
+                });
+                if code == ErrorCode::REJECTED || (code == ErrorCode::UNAUTHORISED && removed) {
+                    self.outbox.remove(&(outbox as u64));
+                    self.refused.push(format!("append refused: {text}"));
+                } else {
+                    self.defer_append(outbox as u64);
+                }
+            }
+            Some(Pending::Subscribe(docs)) => {
+                // A group changed under the subscription: learn it, subscribe again later.
+                self.session.subscription_ended(req);
+                self.session.end_catch_up(&docs);
+                for d in &docs {
+                    self.subscribed_mut().remove(d);
+                }
+                let groups: Vec<(DocId, u32)> = self
+                    .groups
+                    .iter()
+                    .map(|(g, c)| (*g, c.updates.len() as u32))
+                    .collect();
+                for (g, from) in groups {
+                    self.fetch_group(g, from);
+                }
+            }
+            Some(Pending::Fetch(doc)) => self.session.fetch_failed(&doc),
+            _ => {}
+        }
+    }
+
+    fn on_log_entries(
+        &mut self,
+        account: AccountId,
+        first_seq: u32,
+        entries: Vec<crate::crypto::device_log::DeviceLogEntry>,
+    ) {
+        let own = account == self.account();
+        if !own && !self.logs.contains_key(&account) {
+            if first_seq == 0 {
+                match DeviceLog::verify(&account, entries) {
+                    Ok(log) => {
+                        self.logs.insert(account, log);
+                    }
+                    Err(e) => self.refused.push(format!("log of {account:?}: {e}")),
+                }
+            }
+            return;
+        }
+        for entry in entries {
+            let log = if own {
+                &mut self.log
+            } else {
+                self.logs.get_mut(&account).expect("checked above")
+            };
+            if let Err(e) = log.append(entry) {
+                self.refused.push(format!("log entry of {account:?}: {e}"));
+                break;
+            }
+        }
+        if own && !self.is_current() {
+            self.drop_link = true;
+        }
+    }
+
+    /// Verifies and absorbs updates of `group`, as the engine does.
+    fn on_group_updates(&mut self, group: DocId, updates: Vec<GroupUpdate>) {
+        let me = self.device();
+        let my_account = self.account();
+        for update in updates {
+            if update.group != group {
+                continue;
+            }
+            let have = self.groups.get(&group).map_or(0, |g| g.updates.len());
+            if (update.version as usize) < have {
+                continue;
+            }
+            if update.version as usize > have {
+                self.fetch_group(group, have as u32);
+                break;
+            }
+            let g = self.groups.entry(group).or_default();
+            let checked = update
+                .check_follows(g.latest())
+                .and_then(|()| update.verify_signature());
+            if let Err(e) = checked {
+                self.refused.push(format!("group update: {e}"));
+                break;
+            }
+            let signer_log = if update.signer_account == my_account {
+                Some(&self.log)
+            } else {
+                self.logs.get(&update.signer_account)
+            };
+            match signer_log.map(|l| l.device(&update.signer).is_some()) {
+                Some(true) => {}
+                Some(false) => {
+                    self.refused
+                        .push("group update signer is not a device of its account".into());
+                    break;
+                }
+                None => {
+                    let account = update.signer_account;
+                    let req = self.session.request(Pending::FetchLog(account));
+                    self.out.push(Message::FetchLog {
+                        req,
+                        account,
+                        from_seq: 0,
+                    });
+                    self.fetch_group(group, have as u32);
+                    break;
+                }
+            }
+            for k in update.keys_for(&me) {
+                match k.unwrap_with(&self.secret) {
+                    Ok(key) => {
+                        if self.keyring.key(&k.doc, k.epoch).is_none() {
+                            let _ = self.keyring.insert(k.doc, k.epoch, key);
+                        }
+                    }
+                    Err(e) => self.refused.push(format!("wrapped key: {e}")),
+                }
+            }
+            let addr = update.open_label(&self.keyring).ok();
+            let g = self.groups.entry(group).or_default();
+            if g.addr.is_none() {
+                g.addr = addr;
+            }
+            g.updates.push(update);
+        }
+        self.relay_groups_mut().insert(group);
+        self.subscribe_new();
+    }
+
+    fn on_envelopes(
+        &mut self,
+        req: u32,
+        doc: DocId,
+        items: Vec<StoredEnvelope>,
+        more: bool,
+        now_ms: u64,
+    ) {
+        let before = self.session.cursor(&doc);
+        let step = if req == 0 {
+            let mut step = crate::engine::session::CursorStep::default();
+            for it in &items {
+                let s = self.session.on_pushed(doc, it.seq, it.prev);
+                step.advanced_to = s.advanced_to.or(step.advanced_to);
+                step.fetch_after = s.fetch_after.or(step.fetch_after);
+            }
+            step
+        } else {
+            let is_fetch = matches!(self.session.pending(req), Some(Pending::Fetch(_)));
+            if is_fetch {
+                self.session.finish(req);
+            }
+            let chain: Vec<(u64, u64)> = items.iter().map(|i| (i.seq, i.prev)).collect();
+            let step = self.session.on_answer(doc, &chain, more && is_fetch);
+            if !more && is_fetch {
+                self.session.caught_up(&doc);
+            }
+            step
+        };
+        let Some(addr) = self.addr_of(&doc) else {
+            self.refused.push("envelopes of an unknown document".into());
+            return;
+        };
+        let attempts = self.blocked_mut().get(&doc).copied().unwrap_or(0);
+        let mut batches = Vec::new();
+        let mut not_yet = false;
+        for it in &items {
+            match self.open_changes(&addr, &it.envelope) {
+                Ok(Some(batch)) => batches.push(batch),
+                Ok(None) => {}
+                Err(OpenError::NotYet(_)) if attempts < MAX_BLOCKED_RETRIES => not_yet = true,
+                Err(OpenError::NotYet(e) | OpenError::Refused(e)) => {
+                    self.refused.push(format!("envelope: {e}"))
+                }
+            }
+        }
+        if not_yet {
+            // Keep the cursor, learn what is missing, fetch again.
+            self.session.rewind(&doc, before);
+            self.blocked_mut().insert(doc, attempts + 1);
+            self.refresh_group_of(&addr);
+            return;
+        }
+        self.blocked_mut().remove(&doc);
+        if !batches.is_empty() {
+            let local = self.local_ms(now_ms);
+            let report = self.replica.apply(local, batches);
+            for (addr, e) in report.rejected {
+                self.refused.push(format!("batch of {addr:?}: {e}"));
+            }
+        }
+        if let Some(after) = step.fetch_after {
+            self.fetch(doc, after);
+        }
+        self.subscribe_new();
+    }
+
+    /// Asks for the group members' logs and the group's later updates.
+    fn refresh_group_of(&mut self, addr: &DocAddr) {
+        let group = group_of(addr);
+        let members = self
+            .groups
+            .get(&group)
+            .and_then(|g| g.latest())
+            .map(|u| u.members.clone())
+            .unwrap_or_default();
+        for account in members {
+            let from_seq = if account == self.account() {
+                self.log.len() as u32
+            } else {
+                self.logs.get(&account).map_or(0, |l| l.len() as u32)
+            };
+            let req = self.session.request(Pending::FetchLog(account));
+            self.out.push(Message::FetchLog {
+                req,
+                account,
+                from_seq,
+            });
+        }
+        let from = self
+            .groups
+            .get(&group)
+            .map_or(0, |g| g.updates.len() as u32);
+        self.fetch_group(group, from);
+    }
+
+    /// The accounts whose logs list `device`.
+    fn accounts_of(&self, device: &DeviceId) -> Vec<AccountId> {
+        let mut out: Vec<AccountId> = self
+            .logs
+            .iter()
+            .filter(|(_, l)| l.device(device).is_some())
+            .map(|(a, _)| *a)
+            .collect();
+        if self.log.device(device).is_some() {
+            out.push(self.account());
+        }
+        out
+    }
+
+    /// The engine's checks on an envelope (`worker/envelopes.rs::open_changes`).
+    fn open_changes(&self, addr: &DocAddr, bytes: &[u8]) -> Result<Option<ChangeBatch>, OpenError> {
+        let refused = |e: String| OpenError::Refused(e);
+        let env = SealedEnvelope::decode(bytes).map_err(|e| refused(e.to_string()))?;
+        if env.header.kind != EnvelopeKind::Changes {
+            return Ok(None);
+        }
+        let group = group_of(addr);
+        let keys = GroupKeys {
+            keyring: &self.keyring,
+            group,
+        };
+        let may_write = |author: &DeviceId, _: &DocId, _: KeyEpoch| {
+            let accounts = self.accounts_of(author);
+            self.groups
+                .get(&group)
+                .is_some_and(|g| accounts.iter().any(|a| g.ever_member(a)))
+        };
+        let opened = env
+            .open(&addr.doc_id(), &keys, may_write)
+            .map_err(|e| match e {
+                EnvelopeError::NotAuthorised { .. } | EnvelopeError::MissingKey { .. } => {
+                    OpenError::NotYet(e.to_string())
+                }
+                e => refused(e.to_string()),
+            })?;
+        let batch = ChangeBatch::decode(&opened.plaintext).map_err(|e| refused(e.to_string()))?;
+        if batch.addr != *addr {
+            return Err(refused("document inside the envelope".into()));
+        }
+        let h = opened.header;
+        let expected = (h.last_seq - h.first_seq).checked_add(1);
+        let own = batch.changes.iter().all(|c| {
+            c.actor_id().to_bytes() == h.author.as_bytes()
+                && (h.first_seq..=h.last_seq).contains(&c.seq())
+        });
+        if !own || Some(batch.changes.len() as u64) != expected {
+            return Err(refused("changes and the envelope's author range".into()));
+        }
+        if let DocAddr::Segment(..) = addr {
+            let accounts = self.accounts_of(&h.author);
+            let claims = crate::model::claimed_accounts(&batch.changes)
+                .ok_or_else(|| refused("accounts named in the changes".into()))?;
+            if claims.iter().any(|c| !accounts.contains(c)) {
+                return Err(refused(
+                    "message account and signing device's account".into(),
+                ));
+            }
+        }
+        Ok(Some(batch))
+    }
+}
