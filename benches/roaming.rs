@@ -8,13 +8,17 @@
 //!   from the call to `Engine::link` (and from its return) until the conversation list, the
 //!   newest page of every conversation, and every message are present; its peak memory
 //!   (`VmHWM`), and the bytes it received from the relay.
+//! - **Direct link** (same file, part `direct`): the same history, with A's device having
+//!   direct sync on from the start; the new device has no relay and is linked to A's device
+//!   with `Engine::link_direct`, which serves the whole history. Measured like the relay link,
+//!   in turns with it against the same history when both parts run.
 //! - **Offline catch-up**: a linked device goes offline while `CATCHUP_MSGS` messages (default
 //!   50,000) arrive over `CATCHUP_CONVS` conversations (default 50); then it reopens.
 //! - **samod** (`support/roaming_samod.rs`): the same conversations as documents, synced to a
 //!   new, empty peer in a child process.
 //!
 //! `ROAMING_REPEAT` (default 3) repeats each new-device measurement against the same history and
-//! prints the medians. `ROAMING_PARTS` (default `roamsync,catchup,samod`) selects parts.
+//! prints the medians. `ROAMING_PARTS` (default `roamsync,direct,catchup,samod`) selects parts.
 //! `cargo bench --bench roaming -- --test` runs a tiny version as a smoke test; every run fails
 //! if a device does not end up with every message.
 
@@ -33,7 +37,7 @@ mod roaming_samod;
 use std::time::Duration;
 
 use roaming_child::{Metrics, ROLE_ENV};
-use roaming_roamsync::Workload;
+use roaming_roamsync::{Link, Workload};
 
 /// Length of every message body, like the live benchmark's.
 const BODY_BYTES: usize = 130;
@@ -127,7 +131,14 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
-fn print_roaming(w: &Workload, ours: &[Metrics], theirs: &[Metrics]) {
+/// The new-device rows: roamsync linked through the relay and directly, and samod.
+struct NewDevice {
+    relay: Vec<Metrics>,
+    direct: Vec<Metrics>,
+    samod: Vec<Metrics>,
+}
+
+fn print_roaming(w: &Workload, runs: &NewDevice) {
     let total = w.total() as f64;
     println!();
     println!(
@@ -135,7 +146,10 @@ fn print_roaming(w: &Workload, ours: &[Metrics], theirs: &[Metrics]) {
         w.convs,
         w.msgs,
         w.total(),
-        ours.len().max(theirs.len())
+        runs.relay
+            .len()
+            .max(runs.direct.len())
+            .max(runs.samod.len())
     );
     println!(
         "{:<9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>12} {:>8}",
@@ -176,59 +190,78 @@ fn print_roaming(w: &Workload, ours: &[Metrics], theirs: &[Metrics]) {
             median(runs, "bytes_received") / total
         );
     };
-    if !ours.is_empty() {
-        row("roamsync", ours, true);
+    let ours = [(Link::Relay, &runs.relay), (Link::Direct, &runs.direct)];
+    for (link, runs) in ours.iter().filter(|(_, r)| !r.is_empty()) {
+        row(link.name(), runs, true);
     }
-    if !theirs.is_empty() {
-        row("samod", theirs, false);
+    if !runs.samod.is_empty() {
+        row("samod", &runs.samod, false);
     }
     println!(
-        "(times from the call to Engine::link, or from the samod peer's start; \"linked\" is when \
-         link returned / the peer connected; plaintext body {BODY_BYTES} B per message)"
+        "(roamsync times from the call to Engine::link (relay) or Engine::link_direct (direct), \
+         samod's from the peer's start; \"linked\" is when link returned / the peer connected; \
+         plaintext body {BODY_BYTES} B per message)"
     );
-    if !ours.is_empty() {
-        println!(
-            "roamsync after link returned: list {}, pages {}, full {}; polls {} (median {:.1} ms, \
-             max {:.1} ms, total {}); sent {}; peak RSS after the final check {}; set-up {:.1} s",
-            secs(median(ours, "list_ms_after_link")),
-            secs(median(ours, "pages_ms_after_link")),
-            secs(median(ours, "full_ms_after_link")),
-            median(ours, "polls"),
-            median(ours, "poll_median_ms"),
-            median(ours, "poll_max_ms"),
-            secs(median(ours, "poll_total_ms")),
-            mb(median(ours, "bytes_sent")),
-            mb(median(ours, "peak_rss_after_verify_kb") * 1024.0),
-            median(ours, "setup_s")
-        );
-        let per_msg = median(ours, "bytes_received") / total;
-        let peak_mb = median(ours, "peak_rss_kb") * 1024.0 / 1e6;
-        println!("targets:");
-        for (what, ok) in [
-            ("list ready <= 0.5 s", median(ours, "list_ms") <= 500.0),
-            (
-                "newest page of every conversation <= 1 s",
-                median(ours, "pages_ms") <= 1_000.0,
-            ),
-            ("full history <= 2 s", median(ours, "full_ms") <= 2_000.0),
-            ("peak memory <= 100 MB", peak_mb <= 100.0),
-            ("<= 60 B per message", per_msg <= 60.0),
-        ] {
-            println!("  {what}: {}", verdict(ok));
-        }
+    for (link, runs) in ours.iter().filter(|(_, r)| !r.is_empty()) {
+        print_roamsync_details(link.name(), runs, total);
     }
-    if !ours.is_empty() && !theirs.is_empty() {
-        let ratio = |name: &str| median(theirs, name) / median(ours, name).max(1e-9);
+    let ratios = |what: &str, over: &[Metrics], under: &[Metrics]| {
+        if over.is_empty() || under.is_empty() {
+            return;
+        }
+        let ratio = |name: &str| median(over, name) / median(under, name).max(1e-9);
         println!(
-            "ratio samod/roamsync: first full {:.2}x, full {:.2}x, bytes {:.2}x, peak RSS {:.2}x",
+            "ratio {what}: list {}, first full {:.2}x, full {:.2}x, bytes {:.2}x, peak RSS {:.2}x",
+            if over.first().is_some_and(|m| m.0.contains_key("list_ms")) {
+                format!("{:.2}x", ratio("list_ms"))
+            } else {
+                "-".to_owned()
+            },
             ratio("first_full_ms"),
             ratio("full_ms"),
             ratio("bytes_received"),
             ratio("peak_rss_kb")
         );
+    };
+    ratios("direct/relay", &runs.direct, &runs.relay);
+    ratios("samod/relay", &runs.samod, &runs.relay);
+    if !runs.samod.is_empty() {
+        println!("samod set-up {:.1} s", median(&runs.samod, "setup_s"));
     }
-    if !theirs.is_empty() {
-        println!("samod set-up {:.1} s", median(theirs, "setup_s"));
+}
+
+/// What roamsync's new device reported beyond the table, linked by `name`, and the targets.
+fn print_roamsync_details(name: &str, runs: &[Metrics], total: f64) {
+    println!(
+        "{name} after link returned: list {}, pages {}, full {}; polls {} (median {:.1} ms, \
+         max {:.1} ms, total {}); sent {}; snapshots taken {}; peak RSS after the final check \
+         {}; set-up {:.1} s",
+        secs(median(runs, "list_ms_after_link")),
+        secs(median(runs, "pages_ms_after_link")),
+        secs(median(runs, "full_ms_after_link")),
+        median(runs, "polls"),
+        median(runs, "poll_median_ms"),
+        median(runs, "poll_max_ms"),
+        secs(median(runs, "poll_total_ms")),
+        mb(median(runs, "bytes_sent")),
+        median(runs, "snapshots_taken"),
+        mb(median(runs, "peak_rss_after_verify_kb") * 1024.0),
+        median(runs, "setup_s")
+    );
+    let per_msg = median(runs, "bytes_received") / total;
+    let peak_mb = median(runs, "peak_rss_kb") * 1024.0 / 1e6;
+    println!("{name} targets:");
+    for (what, ok) in [
+        ("list ready <= 0.5 s", median(runs, "list_ms") <= 500.0),
+        (
+            "newest page of every conversation <= 1 s",
+            median(runs, "pages_ms") <= 1_000.0,
+        ),
+        ("full history <= 2 s", median(runs, "full_ms") <= 2_000.0),
+        ("peak memory <= 100 MB", peak_mb <= 100.0),
+        ("<= 60 B per message", per_msg <= 60.0),
+    ] {
+        println!("  {what}: {}", verdict(ok));
     }
 }
 
@@ -291,21 +324,34 @@ fn main() {
             env_usize("ROAMING_REPEAT", 3),
         )
     };
-    let parts = std::env::var("ROAMING_PARTS").unwrap_or_else(|_| "roamsync,catchup,samod".into());
+    let parts =
+        std::env::var("ROAMING_PARTS").unwrap_or_else(|_| "roamsync,direct,catchup,samod".into());
     let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
-    let ours = if part("roamsync") {
-        roaming_roamsync::run_new_device(roaming, repeat)
-    } else {
-        Vec::new()
+    let links: Vec<Link> = [("roamsync", Link::Relay), ("direct", Link::Direct)]
+        .into_iter()
+        .filter(|(name, _)| part(name))
+        .map(|(_, link)| link)
+        .collect();
+    let mut ours = roaming_roamsync::run_new_device(roaming, repeat, &links).into_iter();
+    let mut next = |link: Link| {
+        if links.contains(&link) {
+            ours.next().expect("runs of every link")
+        } else {
+            Vec::new()
+        }
     };
-    let theirs = if part("samod") {
-        roaming_samod::run_new_peer(roaming, repeat)
-    } else {
-        Vec::new()
+    let runs = NewDevice {
+        relay: next(Link::Relay),
+        direct: next(Link::Direct),
+        samod: if part("samod") {
+            roaming_samod::run_new_peer(roaming, repeat)
+        } else {
+            Vec::new()
+        },
     };
     let caught_up = part("catchup").then(|| roaming_roamsync::run_catchup(catchup));
-    if !ours.is_empty() || !theirs.is_empty() {
-        print_roaming(&roaming, &ours, &theirs);
+    if !runs.relay.is_empty() || !runs.direct.is_empty() || !runs.samod.is_empty() {
+        print_roaming(&roaming, &runs);
     }
     if let Some(m) = &caught_up {
         print_catchup(&catchup, m);

@@ -7,7 +7,9 @@
 //!   transaction and one envelope per document), and waits until the relay acknowledged every
 //!   envelope. P's device goes offline once the conversations exist, so it does not compete for
 //!   the two cores. A new device is then linked to A's account in a child process, which times
-//!   the stages of its cold start from the moment `Engine::link` is called.
+//!   the stages of its cold start from the moment it calls `Engine::link` ([`Link::Relay`]:
+//!   the history comes from the relay) or `Engine::link_direct` ([`Link::Direct`]: it has no
+//!   relay, and the history comes from A's device over a direct connection).
 //! - **Offline catch-up.** Account A's second device is linked and has seen the conversations,
 //!   then goes offline (`Engine::shutdown`); P writes the messages; the device reopens from its
 //!   store and the time until every message is present is measured.
@@ -26,9 +28,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use roamsync::engine::{ConnectionState, Engine, EngineConfig};
+use roamsync::engine::{ConnectionState, DirectConfig, DirectInvite, Engine, EngineConfig};
 use roamsync::ids::ConversationId;
 use roamsync::net::PeerAddr;
+use roamsync::net::discovery::DiscoveryConfig;
 use roamsync::relay::server::{Relay, RelayConfig};
 use roamsync::store::StorageKey;
 
@@ -50,6 +53,35 @@ const NEWEST_PAGE: usize = 20;
 
 /// Child role: a new device linked to the account, timing its cold start.
 pub const NEW_DEVICE_ROLE: &str = "roamsync-new-device";
+/// Names the [`Link`] of a new-device child.
+const LINK_ENV: &str = "ROAMING_LINK";
+
+/// How the new device joins the account and where its history comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// `Engine::link` with a pairing code, through the relay, which then serves the history.
+    Relay,
+    /// `Engine::link_direct` with A's device's invitation; the new device has no relay, and
+    /// A's device (direct sync on since before it wrote the history) serves everything.
+    Direct,
+}
+
+impl Link {
+    /// Its name in the child's environment and in the printed results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Link::Relay => "relay",
+            Link::Direct => "direct",
+        }
+    }
+
+    fn parse(name: &str) -> Link {
+        [Link::Relay, Link::Direct]
+            .into_iter()
+            .find(|l| l.name() == name)
+            .unwrap_or_else(|| panic!("unknown {LINK_ENV} {name:?}"))
+    }
+}
 
 /// The size of a roaming or catch-up run.
 #[derive(Clone, Copy, Debug)]
@@ -69,9 +101,22 @@ impl Workload {
     }
 }
 
-fn config(dir: &Path, name: &str, relay: &PeerAddr) -> EngineConfig {
+fn config(dir: &Path, name: &str, relays: Vec<PeerAddr>) -> EngineConfig {
     let key = StorageKey::from_bytes(*blake3::hash(name.as_bytes()).as_bytes());
-    EngineConfig::new(dir.join(format!("{name}.db")), key, vec![relay.clone()])
+    EngineConfig::new(dir.join(format!("{name}.db")), key, relays)
+}
+
+/// Direct sync listening on loopback if `listen`, dialling only the peers it is given, with LAN
+/// discovery off (the benchmark says who meets whom).
+fn direct_config(listen: bool) -> DirectConfig {
+    DirectConfig {
+        listen: listen.then(|| "127.0.0.1:0".parse().expect("an address")),
+        peers: Vec::new(),
+        discovery: DiscoveryConfig {
+            enabled: false,
+            ..DiscoveryConfig::default()
+        },
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -180,8 +225,10 @@ async fn until_snapshots_settle(e: &Engine, timeout: Duration) -> (u64, f64) {
     }
 }
 
-/// A relay in `dir` and two accounts on it, "a" and "p", both live.
-async fn relay_and_two_accounts(dir: &Path) -> (Relay, PeerAddr, Engine, Engine) {
+/// A relay in `dir` and two accounts on it, "a" and "p", both live; with `a_direct`, A's
+/// device also has direct sync on (listening on loopback), so it archives every envelope it
+/// seals and can serve a device linked to it directly.
+async fn relay_and_two_accounts(dir: &Path, a_direct: bool) -> (Relay, PeerAddr, Engine, Engine) {
     let relay = Relay::start(RelayConfig::new(
         dir.join("relay"),
         "127.0.0.1:0".parse().unwrap(),
@@ -189,10 +236,10 @@ async fn relay_and_two_accounts(dir: &Path) -> (Relay, PeerAddr, Engine, Engine)
     .await
     .expect("relay");
     let addr = relay.addr();
-    let a = Engine::create_account(config(dir, "a", &addr), "a")
-        .await
-        .expect("a");
-    let p = Engine::create_account(config(dir, "p", &addr), "p")
+    let mut a_config = config(dir, "a", vec![addr.clone()]);
+    a_config.direct = a_direct.then(|| direct_config(true));
+    let a = Engine::create_account(a_config, "a").await.expect("a");
+    let p = Engine::create_account(config(dir, "p", vec![addr.clone()]), "p")
         .await
         .expect("p");
     until_live(&a).await;
@@ -201,33 +248,54 @@ async fn relay_and_two_accounts(dir: &Path) -> (Relay, PeerAddr, Engine, Engine)
 }
 
 /// The new-device measurement: history written by A, then a new device linked in a child
-/// process, `repeat` times against the same history (each a device of its own). Returns what
-/// each child reported, plus `setup_s`.
-pub fn run_new_device(w: Workload, repeat: usize) -> Vec<Metrics> {
+/// process by each of `links`, `repeat` times against the same history (each a device of its
+/// own; the links take turns, so a slow spell of the machine does not fall on one of them).
+/// Returns what each child reported, plus `setup_s`, for each of `links` in order.
+pub fn run_new_device(w: Workload, repeat: usize, links: &[Link]) -> Vec<Vec<Metrics>> {
+    if links.is_empty() {
+        return Vec::new();
+    }
     runtime().block_on(async move {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let (relay, addr, a, p) = relay_and_two_accounts(dir.path()).await;
+        let a_direct = links.contains(&Link::Direct);
+        let (relay, addr, a, p) = relay_and_two_accounts(dir.path(), a_direct).await;
         let chats = create_conversations(&a, &p, w.convs).await;
         p.shutdown().await;
         let setup_s = write_history(&a, &chats, &w).await;
         let (snapshots, snapshot_s) = until_snapshots_settle(&a, w.timeout).await;
         eprintln!("roamsync: {snapshots} snapshots made, settled after {snapshot_s:.1} s");
-        let mut runs = Vec::new();
+        let mut runs = vec![Vec::new(); links.len()];
         for run in 0..repeat {
-            let code = a.invite_device().await.expect("invite");
-            let env = vec![
-                ("ROAMING_RELAY", addr.to_string()),
-                ("ROAMING_CODE", code),
-                ("ROAMING_CONVS", w.convs.to_string()),
-                ("ROAMING_MSGS", w.msgs.to_string()),
-                ("ROAMING_TIMEOUT_S", w.timeout.as_secs().to_string()),
-            ];
-            let mut m = tokio::task::spawn_blocking(move || run_child(NEW_DEVICE_ROLE, &env))
-                .await
-                .expect("the child's reader");
-            m.0.insert("setup_s".into(), setup_s);
-            eprintln!("roamsync new device, run {}: {:?}", run + 1, m.0);
-            runs.push(m);
+            for (&link, runs) in links.iter().zip(&mut runs) {
+                let mut env = vec![
+                    (LINK_ENV, link.name().to_owned()),
+                    ("ROAMING_CONVS", w.convs.to_string()),
+                    ("ROAMING_MSGS", w.msgs.to_string()),
+                    ("ROAMING_TIMEOUT_S", w.timeout.as_secs().to_string()),
+                ];
+                match link {
+                    Link::Relay => {
+                        let code = a.invite_device().await.expect("invite");
+                        env.extend([("ROAMING_RELAY", addr.to_string()), ("ROAMING_CODE", code)]);
+                    }
+                    Link::Direct => {
+                        // The invitation travels as text (a QR code).
+                        let invite = a.invite_device_direct("127.0.0.1").await.expect("invite");
+                        env.push(("ROAMING_INVITE", invite.to_string()));
+                    }
+                }
+                let mut m = tokio::task::spawn_blocking(move || run_child(NEW_DEVICE_ROLE, &env))
+                    .await
+                    .expect("the child's reader");
+                m.0.insert("setup_s".into(), setup_s);
+                eprintln!(
+                    "roamsync new device, {}, run {}: {:?}",
+                    link.name(),
+                    run + 1,
+                    m.0
+                );
+                runs.push(m);
+            }
         }
         a.shutdown().await;
         relay.shutdown().await;
@@ -446,7 +514,30 @@ async fn all_bodies(e: &Engine, id: &ConversationId) -> Vec<String> {
         .collect()
 }
 
-/// The child: links a new device with the code from the parent and times its cold start.
+/// Links a new device in `dir` the way [`LINK_ENV`] says, with the code or invitation the
+/// parent passed: through the relay, or directly to A's device with no relay configured.
+async fn link_new_device(link: Link, dir: &Path) -> Engine {
+    match link {
+        Link::Relay => {
+            let relay: PeerAddr = roaming_child::env("ROAMING_RELAY")
+                .parse()
+                .expect("a relay address");
+            let code = roaming_child::env("ROAMING_CODE");
+            Engine::link(config(dir, "new", vec![relay]), &code, "new").await
+        }
+        Link::Direct => {
+            let invite: DirectInvite = roaming_child::env("ROAMING_INVITE")
+                .parse()
+                .expect("an invitation");
+            let mut c = config(dir, "new", Vec::new());
+            c.direct = Some(direct_config(false));
+            Engine::link_direct(c, &invite, "new").await
+        }
+    }
+    .expect("link")
+}
+
+/// The child: links a new device with what the parent passed and times its cold start.
 pub fn child_new_device() {
     let parse = |name: &str| -> usize {
         roaming_child::env(name)
@@ -458,16 +549,11 @@ pub fn child_new_device() {
         msgs: parse("ROAMING_MSGS"),
         timeout: Duration::from_secs(parse("ROAMING_TIMEOUT_S") as u64),
     };
-    let relay: PeerAddr = roaming_child::env("ROAMING_RELAY")
-        .parse()
-        .expect("a relay address");
-    let code = roaming_child::env("ROAMING_CODE");
+    let link = Link::parse(&roaming_child::env(LINK_ENV));
     runtime().block_on(async move {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let start = Instant::now();
-        let b = Engine::link(config(dir.path(), "new", &relay), &code, "new")
-            .await
-            .expect("link");
+        let b = link_new_device(link, dir.path()).await;
         let linked = Instant::now();
         report("link_ms", (linked - start).as_secs_f64() * 1e3);
         let mut tracker = Tracker::new(w);
@@ -475,10 +561,23 @@ pub fn child_new_device() {
         tracker.report(start, "");
         tracker.report(linked, "_after_link");
         tracker.report_polls();
+        // The device has either a relay or a direct connection to A's device; what it got is
+        // the sum over both kinds.
         let status = b.sync_status().await.expect("status");
-        let relay = &status.relays[0];
-        report("bytes_received", relay.bytes_received as f64);
-        report("bytes_sent", relay.bytes_sent as f64);
+        let relays = status
+            .relays
+            .iter()
+            .map(|r| (r.bytes_received, r.bytes_sent));
+        let peers = status
+            .peers
+            .iter()
+            .map(|p| (p.bytes_received, p.bytes_sent));
+        let (received, sent) = relays
+            .chain(peers)
+            .fold((0, 0), |(r, s), (r2, s2)| (r + r2, s + s2));
+        report("bytes_received", received as f64);
+        report("bytes_sent", sent as f64);
+        report("snapshots_taken", status.snapshots_taken as f64);
         report_memory();
         tracker.verify(&b).await;
         report("peak_rss_after_verify_kb", memory_kb().0 as f64);
@@ -491,9 +590,9 @@ pub fn child_new_device() {
 pub fn run_catchup(w: Workload) -> Metrics {
     runtime().block_on(async move {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let (relay, addr, a, p) = relay_and_two_accounts(dir.path()).await;
+        let (relay, addr, a, p) = relay_and_two_accounts(dir.path(), false).await;
         let code = a.invite_device().await.expect("invite");
-        let a2 = Engine::link(config(dir.path(), "a2", &addr), &code, "a2")
+        let a2 = Engine::link(config(dir.path(), "a2", vec![addr.clone()]), &code, "a2")
             .await
             .expect("link");
         until_live(&a2).await;
@@ -507,7 +606,7 @@ pub fn run_catchup(w: Workload) -> Metrics {
         let setup_s = write_history(&p, &chats, &w).await;
 
         let start = Instant::now();
-        let a2 = Engine::open(config(dir.path(), "a2", &addr))
+        let a2 = Engine::open(config(dir.path(), "a2", vec![addr]))
             .await
             .expect("reopen");
         let opened = Instant::now();
