@@ -567,38 +567,57 @@ impl Worker {
     ) -> Result<(), EngineError> {
         let theirs: HashMap<DeviceId, u64> = held.iter().copied().collect();
         let mine = self.replica.version_vector(addr)?;
-        let mut envelopes: Vec<Vec<u8>> = Vec::new();
-        let mut complete = true;
-        let mut lacking = 0u64;
-        for (author, n) in mine.iter() {
-            let after = theirs.get(author).copied().unwrap_or(0);
-            if *n <= after {
-                continue;
-            }
-            lacking += n - after;
-            let rows = self.replica.store().archived_after(addr, author, after)?;
-            let ranges: Vec<(u64, u64)> = rows.iter().map(|(f, l, _)| (*f, *l)).collect();
-            let (usable, reached) = continuing(after, &ranges);
-            complete &= reached >= *n;
-            envelopes.extend(rows.into_iter().take(usable).map(|(_, _, bytes)| bytes));
-        }
+        // For each writer the peer lacks changes of: from which change, up to which.
+        let lacks: Vec<(DeviceId, u64, u64)> = mine
+            .iter()
+            .filter_map(|(author, n)| {
+                let after = theirs.get(author).copied().unwrap_or(0);
+                (*n > after).then_some((*author, after, *n))
+            })
+            .collect();
+        let lacking: u64 = lacks.iter().map(|(_, after, n)| n - after).sum();
         if lacking == 0 {
             return Ok(());
         }
+        // A device of this account that holds nothing of a large document: a snapshot, without
+        // reading the archive first.
         let fresh = held.is_empty() && lacking >= PEER_SNAPSHOT_AFTER_CHANGES;
-        if own && (!complete || fresh) {
-            if let Some(env) = self.seal_snapshot(addr, 0)? {
-                let msg = Message::Snapshot {
-                    req,
-                    doc: addr.doc_id(),
-                    envelope: env.encode(),
-                };
-                self.send_peer(link, msg);
-                return Ok(());
-            }
+        if own && fresh && self.send_snapshot_to_peer(link, req, addr)? {
+            return Ok(());
+        }
+        let mut envelopes: Vec<Vec<u8>> = Vec::new();
+        let mut complete = true;
+        for (author, after, n) in &lacks {
+            let rows = self.replica.store().archived_after(addr, author, *after)?;
+            let ranges: Vec<(u64, u64)> = rows.iter().map(|(f, l, _)| (*f, *l)).collect();
+            let (usable, reached) = continuing(*after, &ranges);
+            complete &= reached >= *n;
+            envelopes.extend(rows.into_iter().take(usable).map(|(_, _, bytes)| bytes));
+        }
+        if own && !complete && self.send_snapshot_to_peer(link, req, addr)? {
+            return Ok(());
         }
         self.send_envelopes_to_peer(link, req, addr, envelopes);
         Ok(())
+    }
+
+    /// Sends a peer of this account a snapshot of `addr`; `false` if none can be made now.
+    fn send_snapshot_to_peer(
+        &mut self,
+        link: u64,
+        req: u32,
+        addr: &DocAddr,
+    ) -> Result<bool, EngineError> {
+        let Some(env) = self.seal_snapshot(addr, 0)? else {
+            return Ok(false);
+        };
+        let msg = Message::Snapshot {
+            req,
+            doc: addr.doc_id(),
+            envelope: env.encode(),
+        };
+        self.send_peer(link, msg);
+        Ok(true)
     }
 
     fn send_envelopes_to_peer(&self, link: u64, req: u32, addr: &DocAddr, all: Vec<Vec<u8>>) {
