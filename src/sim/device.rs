@@ -124,6 +124,8 @@ pub(crate) struct Device {
     pub rng: SeedRng,
     /// Refusals of what the relay sent: envelopes, batches, log entries, group updates.
     pub refused: Vec<String>,
+    /// Whether the workload may have this device sign group updates.
+    pub may_sign_groups: bool,
 }
 
 /// The group whose key seals `addr`: a segment belongs to its conversation's meta document.
@@ -197,6 +199,7 @@ impl Device {
             skew_ms,
             rng,
             refused: Vec::new(),
+            may_sign_groups: true,
         };
         d.commit();
         d

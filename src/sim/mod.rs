@@ -14,6 +14,7 @@
 
 mod check;
 mod device;
+mod devices;
 mod malice;
 mod ops;
 mod proto;
@@ -24,7 +25,7 @@ mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::crypto::device_log::DeviceLog;
+use crate::crypto::device_log::{DeviceLog, DeviceLogEntry};
 use crate::crypto::group::{GroupUpdate, SealedLabel};
 use crate::crypto::identity::DeviceSecret;
 use crate::crypto::keys::Keyring;
@@ -33,6 +34,7 @@ use crate::relay::core::{ConnId, Input};
 use crate::wire::message::Message;
 
 use device::{Device, Group};
+use devices::Revoked;
 use ops::Done;
 pub(crate) use relay::{ALL_MALICE, Malice};
 use relay::{NetOut, RelayNode};
@@ -66,6 +68,14 @@ pub(crate) struct Config {
     pub malice: Option<Malice>,
     /// Check convergence and loss even in a mode where they are not expected.
     pub strict: bool,
+    /// Devices linked during the run sign group updates (create conversations). Off in the
+    /// fixed seeds: other devices refuse such an update while their copy of the signer's log
+    /// predates the link (see docs/TESTING.md, "Findings").
+    pub linked_sign_groups: bool,
+    /// Per-mille chance that a workload operation links a new device. Off in the fixed
+    /// seeds: a linked device can miss a conversation's key for good (see docs/TESTING.md,
+    /// "Findings").
+    pub link_per_mille: u64,
 }
 
 impl Default for Config {
@@ -79,6 +89,8 @@ impl Default for Config {
             push_drop_per_mille: 0,
             malice: None,
             strict: false,
+            linked_sign_groups: false,
+            link_per_mille: 0,
         }
     }
 }
@@ -94,6 +106,8 @@ pub(crate) struct Stats {
     pub links_cut: u64,
     pub partitions: u64,
     pub pushes_dropped: u64,
+    pub links: u64,
+    pub revokes: u64,
     pub heal_steps: u64,
 }
 
@@ -131,6 +145,14 @@ struct World {
     trace: blake3::Hasher,
     done: Vec<(usize, Done)>,
     stats: Stats,
+    /// Every account's log as its devices wrote it (for the forgery check).
+    logs: BTreeMap<AccountId, Vec<DeviceLogEntry>>,
+    /// Devices linked during the run.
+    linked: usize,
+    /// Devices revoked during the run, by index.
+    revoked: BTreeMap<usize, Revoked>,
+    /// Breaches of the revocation check, found as messages are routed.
+    violations: Vec<String>,
     /// Print every delivered message (`SIM_TRACE=1`), for debugging a replay.
     verbose: bool,
 }
@@ -175,6 +197,9 @@ pub(crate) fn run(seed: u64, cfg: &Config) -> Result<Report, String> {
         w.step(true)?;
     }
     w.heal()?;
+    if let Some(v) = w.violations.first() {
+        return Err(v.clone());
+    }
     check::after_run(&w)?;
     Ok(Report {
         trace: *w.trace.finalize().as_bytes(),
@@ -204,6 +229,10 @@ impl World {
             secrets.push(devs);
         }
         let accounts: Vec<AccountId> = logs.iter().map(DeviceLog::account).collect();
+        let genuine_logs = logs
+            .iter()
+            .map(|l| (l.account(), l.entries().to_vec()))
+            .collect();
         let mut devices = Vec::new();
         for (a, devs) in secrets.into_iter().enumerate() {
             let account = accounts[a];
@@ -272,6 +301,10 @@ impl World {
             trace: blake3::Hasher::new(),
             done: Vec::new(),
             stats: Stats::default(),
+            logs: genuine_logs,
+            linked: 0,
+            revoked: BTreeMap::new(),
+            violations: Vec::new(),
             verbose: std::env::var_os("SIM_TRACE").is_some(),
         }
     }
@@ -296,6 +329,7 @@ impl World {
             self.devices[d].tick(self.now);
             self.flush(d);
         }
+        self.note_durable_revocations();
         for link in self.links.values() {
             if link.up.len() + link.down.len() > MAX_IN_FLIGHT {
                 return Err(format!(
@@ -324,7 +358,8 @@ impl World {
             self.step(false)?;
             let net = self.relay.commit(self.now, &mut self.rng);
             self.route(net);
-            let settled = self.devices.iter().all(|d| !d.is_current() || d.settled())
+            let settled = (0..self.devices.len())
+                .all(|d| !self.is_live_device(d) || self.devices[d].settled())
                 && self
                     .links
                     .values()
@@ -339,7 +374,7 @@ impl World {
         let stuck: Vec<String> = self
             .devices
             .iter()
-            .filter(|d| d.is_current() && !d.settled())
+            .filter(|d| self.is_live_device(d.idx) && !d.settled())
             .map(|d| {
                 format!(
                     "device {}: link {:?} stage {:?} open {} outbox {} ",
@@ -435,6 +470,9 @@ impl World {
                     if push && self.rng.chance(self.cfg.push_drop_per_mille) {
                         self.stats.pushes_dropped += 1;
                         continue;
+                    }
+                    if let Some(d) = self.links.get(&conn.0).map(|l| l.device) {
+                        self.check_revoked_served(d, &msg);
                     }
                     let delay = self.delay();
                     let Some(link) = self.links.get_mut(&conn.0) else {
@@ -589,11 +627,20 @@ impl World {
     }
 
     fn operation(&mut self) {
+        if self.rng.chance(self.cfg.link_per_mille) {
+            self.link_device();
+            return;
+        }
+        if self.rng.chance(devices::REVOKE_PER_MILLE) {
+            self.revoke_device();
+            return;
+        }
         let d = self.rng.below(self.devices.len() as u64) as usize;
         if !self.devices[d].is_current() {
             return;
         }
         let accounts = self.accounts.clone();
+        self.devices[d].may_sign_groups = self.may_sign_groups(d);
         let done = self.devices[d].random_op(self.now, &mut self.rng, &accounts);
         let Some(done) = done else { return };
         if self.rng.chance(30) {

@@ -65,6 +65,10 @@ impl Device {
         let now = self.local_ms(now_ms);
         let convs = self.member_conversations();
         let kind = rng.below(100);
+        let signs_group = convs.is_empty() || !(6..91).contains(&kind);
+        if signs_group && !self.may_sign_groups {
+            return None;
+        }
         if convs.is_empty() || kind < 6 {
             return self.create_conversation(now, rng, accounts);
         }

@@ -25,7 +25,10 @@ impl Device {
     /// Handles one message from the relay, then commits the turn.
     pub fn handle(&mut self, msg: Message, now_ms: u64) {
         self.last_heard_ms = now_ms;
-        self.attempt = 0;
+        // An error closing the connection (a revoked device) keeps the backoff growing.
+        if !matches!(msg, Message::Error { req: 0, .. }) {
+            self.attempt = 0;
+        }
         match msg {
             Message::HelloOk {
                 req,

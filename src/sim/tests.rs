@@ -181,6 +181,20 @@ fn known_a_dropped_last_push_is_never_fetched() {
     }
 }
 
+/// Known issue: a device linked mid-run can end without the key of a conversation of its
+/// account, so it never holds the conversation (seeds 1 and 6 in the honest mode, links on).
+#[test]
+#[ignore = "known issue: a linked device misses a conversation key (docs/TESTING.md, Findings)"]
+fn known_a_linked_device_misses_a_conversation_key() {
+    let cfg = Config {
+        link_per_mille: super::devices::LINK_PER_MILLE,
+        ..Config::default()
+    };
+    for seed in [1, 6] {
+        run_with(seed, &cfg).expect("a linked device holds its account's conversations");
+    }
+}
+
 /// `SIM_SEED=<seed> [SIM_MODE=<mode>] cargo test --lib sim::tests::replay -- --nocapture`
 /// replays one run and prints its trace hash and counts. Does nothing without `SIM_SEED`.
 #[test]
