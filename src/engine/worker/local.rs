@@ -115,8 +115,13 @@ impl Worker {
                 }
             }
         }
+        self.offer_to_relays(&fresh);
+    }
+
+    /// Offers new outbox rows (id, group, envelope) to every live relay, then tells the app.
+    pub(super) fn offer_to_relays(&mut self, fresh: &[(i64, DocId, SealedEnvelope)]) {
         for relay in self.live_relays() {
-            for (outbox, group, envelope) in &fresh {
+            for (outbox, group, envelope) in fresh {
                 let (outbox, group, envelope) = (*outbox, *group, envelope.clone());
                 self.request(relay, Pending::Append { outbox }, |req| Message::Append {
                     req,

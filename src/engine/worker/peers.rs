@@ -956,20 +956,9 @@ impl Worker {
                 }
             }
         }
-        if fresh.is_empty() {
-            return;
+        if !fresh.is_empty() {
+            self.offer_to_relays(&fresh);
         }
-        for relay in self.live_relays() {
-            for (outbox, group, envelope) in &fresh {
-                let (outbox, group, envelope) = (*outbox, *group, envelope.clone());
-                self.request(relay, Pending::Append { outbox }, |req| Message::Append {
-                    req,
-                    group,
-                    envelope,
-                });
-            }
-        }
-        self.emit_status();
     }
 
     // ---- linking over a direct connection ------------------------------------------------------
