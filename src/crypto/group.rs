@@ -20,7 +20,8 @@
 use chacha20poly1305::XChaCha20Poly1305;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 
-use crate::crypto::identity::{DeviceSecret, IdentityError, Signature, verify};
+use crate::crypto::device_log::DeviceLog;
+use crate::crypto::identity::{DevicePublic, DeviceSecret, IdentityError, Signature, verify};
 use crate::crypto::keys::{DocKey, KeyEpoch, KeySource, KeysError, WrappedKey};
 use crate::crypto::rng::SeedRng;
 use crate::ids::{AccountId, DeviceId, DocAddr, DocId};
@@ -570,4 +571,184 @@ mod tests {
             Err(GroupError::UnsupportedVersion { version: 9 })
         ));
     }
+}
+
+/// The device that wraps a group's keys to `device` (of `log`'s account) when the group's
+/// chain misses it, as seen from `logs`, the logs of the group's member accounts:
+/// - the device that added it to the log, while current;
+/// - otherwise the current device of its account with the smallest id;
+/// - otherwise (it is the account's only device) the current device of another member account
+///   with the smallest id.
+///
+/// One device answers for each, so that devices do not race to do it (a race is resolved by
+/// the relay taking one update of a version).
+pub fn key_keeper(logs: &[&DeviceLog], log: &DeviceLog, device: &DeviceId) -> Option<DeviceId> {
+    let record = log.device(device)?;
+    let inviter = log
+        .entries()
+        .get(record.added_at as usize)
+        .map(|e| e.signer)
+        .filter(|s| s != device && log.is_current(s));
+    let smallest = |logs: &mut dyn Iterator<Item = &DeviceLog>| {
+        logs.flat_map(|l| l.current_devices().map(|r| r.info.keys.device))
+            .filter(|d| d != device)
+            .min()
+    };
+    inviter
+        .or_else(|| smallest(&mut std::iter::once(log)))
+        .or_else(|| {
+            smallest(
+                &mut logs
+                    .iter()
+                    .copied()
+                    .filter(|l| l.account() != log.account()),
+            )
+        })
+}
+
+/// Keys of `group` for `me` (holding `keys`, the group's epochs and keys) to wrap again: for
+/// each current device of the member accounts' `logs` that `me` is the [`key_keeper`] of, each
+/// epoch no update of `chain` wraps to it.
+///
+/// A member that signs an update with a copy of an account's log older than a link leaves the
+/// new device without that key, and pairing hands over only the keys the inviter held then.
+/// A device that got a key at pairing is wrapped it again at the group's next change: the chain
+/// does not show that it has it.
+pub fn missing_wraps(
+    chain: &[GroupUpdate],
+    group: DocId,
+    logs: &[&DeviceLog],
+    me: &DeviceId,
+    keys: &[(KeyEpoch, DocKey)],
+    rng: &mut SeedRng,
+) -> Result<Vec<WrappedKey>, KeysError> {
+    let mut wrapped = Vec::new();
+    for log in logs {
+        for record in log.current_devices() {
+            let device = record.info.keys.device;
+            if device == *me || key_keeper(logs, log, &device) != Some(*me) {
+                continue;
+            }
+            for (epoch, key) in keys {
+                let covered = chain.iter().any(|u| {
+                    u.keys
+                        .iter()
+                        .any(|k| k.recipient == device && k.doc == group && k.epoch == *epoch)
+                });
+                if !covered {
+                    wrapped.push(WrappedKey::wrap(
+                        key,
+                        group,
+                        *epoch,
+                        &record.info.keys,
+                        rng,
+                    )?);
+                }
+            }
+        }
+    }
+    Ok(wrapped)
+}
+
+/// This device's membership changes `mine`, refused because another device's update took their
+/// version, made again on top of `chain` (the relay's chain, fetched since; it holds the prefix
+/// `mine` followed): the same accounts added and removed; every epoch's key (of `keys`, the
+/// group's epochs held here) wrapped to the devices of an added account; a key epoch a change
+/// started wrapped to every member device after it. A change the chain made already is dropped,
+/// and nothing is made once `signer_account` is no longer a member. `devices` holds the current
+/// devices of the accounts involved.
+///
+/// Two concurrent changes that both start a key epoch number are not reconciled: each side
+/// holds its own key for it (docs/SECURITY.md, "Concurrent membership changes").
+pub fn rebase_changes(
+    mine: &[GroupUpdate],
+    chain: &[GroupUpdate],
+    signer: &DeviceSecret,
+    signer_account: AccountId,
+    keys: &[(KeyEpoch, DocKey)],
+    devices: &std::collections::BTreeMap<AccountId, Vec<DevicePublic>>,
+    rng: &mut SeedRng,
+) -> Result<Vec<GroupUpdate>, GroupError> {
+    let Some(first) = mine.first().map(|u| u.version as usize) else {
+        return Ok(Vec::new());
+    };
+    let (Some(prev), Some(head)) = (chain.get(first.wrapping_sub(1)), chain.last()) else {
+        return Ok(Vec::new());
+    };
+    let epochs_before: std::collections::BTreeSet<KeyEpoch> = chain[..first]
+        .iter()
+        .flat_map(|u| u.keys.iter().map(|k| k.epoch))
+        .collect();
+    let mut before = prev.members.clone();
+    let mut head = head.clone();
+    let mut out = Vec::new();
+    let devices_of = |accounts: &[AccountId]| -> Vec<&DevicePublic> {
+        accounts
+            .iter()
+            .flat_map(|a| devices.get(a).into_iter().flatten())
+            .collect()
+    };
+    for u in mine {
+        let added: Vec<AccountId> = u
+            .members
+            .iter()
+            .filter(|m| !before.contains(m))
+            .copied()
+            .collect();
+        let removed: Vec<AccountId> = before
+            .iter()
+            .filter(|m| !u.members.contains(m))
+            .copied()
+            .collect();
+        before = u.members.clone();
+        if !head.is_member(&signer_account) {
+            break;
+        }
+        let mut members: Vec<AccountId> = head
+            .members
+            .iter()
+            .filter(|m| !removed.contains(m))
+            .chain(added.iter())
+            .copied()
+            .collect();
+        members.sort();
+        members.dedup();
+        if members == head.members {
+            continue;
+        }
+        let started: std::collections::BTreeSet<KeyEpoch> = u
+            .keys
+            .iter()
+            .map(|k| k.epoch)
+            .filter(|e| !epochs_before.contains(e))
+            .collect();
+        let mut wrapped = Vec::new();
+        let newcomers: Vec<AccountId> = added
+            .iter()
+            .copied()
+            .filter(|a| members.contains(a))
+            .collect();
+        for d in devices_of(&newcomers) {
+            for (epoch, key) in keys {
+                wrapped.push(WrappedKey::wrap(key, head.group, *epoch, d, rng)?);
+            }
+        }
+        for (epoch, key) in keys.iter().filter(|(e, _)| started.contains(e)) {
+            for d in devices_of(&members) {
+                wrapped.push(WrappedKey::wrap(key, head.group, *epoch, d, rng)?);
+            }
+        }
+        let update = GroupUpdate::sign(
+            signer,
+            signer_account,
+            head.group,
+            head.version + 1,
+            members,
+            wrapped,
+            head.label.clone(),
+        )?;
+        head = update.clone();
+        out.push(update);
+    }
+    Ok(out)
 }

@@ -271,6 +271,18 @@ pub(crate) struct Worker {
     dialing: HashMap<DeviceId, (String, tokio::task::JoinHandle<()>)>,
     /// What LAN discovery announces and recognises, if it runs.
     discovery: Option<tokio::sync::watch::Sender<crate::net::discovery::DiscoveryAccount>>,
+    /// Accounts whose log was fetched again, at the length held then, because a group update's
+    /// signer was not in it (a device linked since): fetched once per length and connection,
+    /// then refused.
+    logs_refetched: HashSet<(AccountId, usize)>,
+    /// Group updates posted only to wrap keys to member devices that lack them
+    /// (`groups.rs`, `rewrap_missing_keys`), by group and version. Unlike other updates they
+    /// join the chain here only once a relay confirms them: another device may post the same
+    /// version first, and the chains must not fork.
+    rewraps: HashMap<(DocId, u32), GroupUpdate>,
+    /// Membership changes of this device a relay refused because another update took their
+    /// version, by group: made again on the relay's chain once it is fetched.
+    rebase: HashMap<DocId, Vec<GroupUpdate>>,
     pub(crate) stopping: bool,
 }
 
@@ -383,6 +395,9 @@ impl Worker {
             dialer: None,
             dialing: HashMap::new(),
             discovery: None,
+            logs_refetched: HashSet::new(),
+            rewraps: HashMap::new(),
+            rebase: HashMap::new(),
             stopping: false,
         };
         w.index_devices();

@@ -152,6 +152,32 @@ fn convergence(w: &World) -> Result<(), String> {
                 }
                 if !d.replica.has_meta(&c) {
                     let group = DocAddr::Meta(c).doc_id();
+                    if std::env::var_os("SIM_DBG").is_some() {
+                        eprintln!(
+                            "DBG group {group:?} chain {:#?}",
+                            d.groups.get(&group).map(|g| g
+                                .updates
+                                .iter()
+                                .map(|u| (
+                                    u.version,
+                                    u.signer,
+                                    u.keys
+                                        .iter()
+                                        .map(|k| (k.recipient, k.epoch))
+                                        .collect::<Vec<_>>()
+                                ))
+                                .collect::<Vec<_>>())
+                        );
+                        for dd in &w.devices {
+                            eprintln!(
+                                "DBG d{} = {:?} current {} live {}",
+                                dd.idx,
+                                dd.device(),
+                                dd.is_current(),
+                                w.is_live_device(dd.idx)
+                            );
+                        }
+                    }
                     return Err(format!(
                         "device {} lacks conversation {c:?} (group key {}, cursor {:?}, blocked {:?})",
                         d.idx,

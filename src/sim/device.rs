@@ -126,6 +126,14 @@ pub(crate) struct Device {
     pub refused: Vec<String>,
     /// Whether the workload may have this device sign group updates.
     pub may_sign_groups: bool,
+    /// Logs fetched again because a group update's signer was not in them (memory only, as in
+    /// the engine).
+    pub logs_refetched: BTreeSet<(AccountId, usize)>,
+    /// Rewraps posted and not yet confirmed (memory only, as in the engine).
+    pub rewraps: BTreeMap<(DocId, u32), GroupUpdate>,
+    /// Membership changes refused for a race, made again once the chain is fetched (memory
+    /// only, as in the engine).
+    pub rebase: BTreeMap<DocId, Vec<GroupUpdate>>,
 }
 
 /// The group whose key seals `addr`: a segment belongs to its conversation's meta document.
@@ -200,6 +208,9 @@ impl Device {
             rng,
             refused: Vec::new(),
             may_sign_groups: true,
+            logs_refetched: BTreeSet::new(),
+            rewraps: BTreeMap::new(),
+            rebase: BTreeMap::new(),
         };
         d.commit();
         d
@@ -337,6 +348,9 @@ impl Device {
         self.blocked.clear();
         self.out.clear();
         self.drop_link = false;
+        self.logs_refetched.clear();
+        self.rewraps.clear();
+        self.rebase.clear();
     }
 
     /// Seals this device's changes past each document's sealed mark into the outbox.
@@ -395,6 +409,8 @@ impl Device {
         self.session.reset();
         self.relay_groups.clear();
         self.subscribed.clear();
+        self.logs_refetched.clear();
+        self.rewraps.clear();
         self.last_heard_ms = now_ms;
         self.hello();
     }

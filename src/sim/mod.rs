@@ -68,13 +68,7 @@ pub(crate) struct Config {
     pub malice: Option<Malice>,
     /// Check convergence and loss even in a mode where they are not expected.
     pub strict: bool,
-    /// Devices linked during the run sign group updates (create conversations). Off in the
-    /// fixed seeds: other devices refuse such an update while their copy of the signer's log
-    /// predates the link (see docs/TESTING.md, "Findings").
-    pub linked_sign_groups: bool,
-    /// Per-mille chance that a workload operation links a new device. Off in the fixed
-    /// seeds: a linked device can miss a conversation's key for good (see docs/TESTING.md,
-    /// "Findings").
+    /// Per-mille chance that a workload operation links a new device.
     pub link_per_mille: u64,
 }
 
@@ -89,8 +83,7 @@ impl Default for Config {
             push_drop_per_mille: 0,
             malice: None,
             strict: false,
-            linked_sign_groups: false,
-            link_per_mille: 0,
+            link_per_mille: devices::LINK_PER_MILLE,
         }
     }
 }

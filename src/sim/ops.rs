@@ -40,7 +40,7 @@ impl Device {
     }
 
     /// Current devices of `accounts`, from the logs this device holds.
-    fn current_devices(&self, accounts: &[AccountId]) -> Vec<DevicePublic> {
+    pub(super) fn current_devices(&self, accounts: &[AccountId]) -> Vec<DevicePublic> {
         let mut out = Vec::new();
         for a in accounts {
             let log = if *a == self.account() {
@@ -300,7 +300,7 @@ impl Device {
     }
 
     /// Records a group update made here and posts it if live.
-    fn publish_group(&mut self, update: GroupUpdate, addr: DocAddr) {
+    pub(super) fn publish_group(&mut self, update: GroupUpdate, addr: DocAddr) {
         let g: &mut Group = self.groups.entry(update.group).or_default();
         g.addr = Some(addr);
         g.updates.push(update.clone());

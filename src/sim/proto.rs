@@ -118,6 +118,7 @@ impl Device {
         self.stage = Stage::Live;
         self.subscribe_new();
         self.send_outbox();
+        self.rewrap_all();
     }
 
     fn on_done(&mut self, req: u32) {
@@ -139,8 +140,14 @@ impl Device {
                     log_head,
                 });
             }
-            Some(Pending::FetchGroup(_)) => {
+            Some(Pending::FetchGroup(group)) => {
+                self.rebase_group(group);
+                self.rewrap_missing_keys(group);
                 self.retry_blocked();
+                self.subscribe_new();
+            }
+            Some(Pending::PostGroup { group, version }) => {
+                self.on_group_posted(group, version);
                 self.subscribe_new();
             }
             _ => self.subscribe_new(),
@@ -189,11 +196,39 @@ impl Device {
                 }
             }
             Some(Pending::Fetch(doc)) => self.session.fetch_failed(&doc),
+            Some(Pending::PostGroup { group, version }) if code == ErrorCode::REJECTED => {
+                // A rewrap that lost to another update of its version is taken back.
+                if self.rewraps.remove(&(group, version)).is_some() {
+                    // Checked again once the chain is fetched, as in the engine.
+                    let from = self
+                        .groups
+                        .get(&group)
+                        .map_or(0, |g| g.updates.len() as u32);
+                    self.fetch_group(group, from);
+                } else if !self.take_off_refused_changes(group, version) {
+                    self.refused.push(format!("group update refused: {text}"));
+                }
+            }
             _ => {}
         }
     }
 
     fn on_log_entries(
+        &mut self,
+        account: AccountId,
+        first_seq: u32,
+        entries: Vec<crate::crypto::device_log::DeviceLogEntry>,
+    ) {
+        let revokes = entries
+            .iter()
+            .any(|e| matches!(e.action, crate::crypto::device_log::EntryAction::Revoke(_)));
+        self.absorb_log_entries(account, first_seq, entries);
+        if revokes {
+            self.rewrap_after_revocation(account);
+        }
+    }
+
+    fn absorb_log_entries(
         &mut self,
         account: AccountId,
         first_seq: u32,
@@ -231,6 +266,7 @@ impl Device {
     fn on_group_updates(&mut self, group: DocId, updates: Vec<GroupUpdate>) {
         let me = self.device();
         let my_account = self.account();
+        let mut absorbed = false;
         for update in updates {
             if update.group != group {
                 continue;
@@ -256,9 +292,29 @@ impl Device {
             } else {
                 self.logs.get(&update.signer_account)
             };
-            match signer_log.map(|l| l.device(&update.signer).is_some()) {
-                Some(true) => {}
-                Some(false) => {
+            match signer_log.map(|l| (l.device(&update.signer).is_some(), l.len())) {
+                Some((true, _)) => {}
+                Some((false, len)) => {
+                    // Maybe a device linked since this copy of the log: fetch the rest once.
+                    let account = update.signer_account;
+                    if self
+                        .session
+                        .any_pending(|p| *p == Pending::FetchLog(account))
+                    {
+                        // Asked already: fetch the chain again after the answer.
+                        self.fetch_group(group, have as u32);
+                        break;
+                    }
+                    if self.logs_refetched.insert((account, len)) {
+                        let req = self.session.request(Pending::FetchLog(account));
+                        self.out.push(Message::FetchLog {
+                            req,
+                            account,
+                            from_seq: len as u32,
+                        });
+                        self.fetch_group(group, have as u32);
+                        break;
+                    }
                     self.refused
                         .push("group update signer is not a device of its account".into());
                     break;
@@ -291,9 +347,175 @@ impl Device {
                 g.addr = addr;
             }
             g.updates.push(update);
+            absorbed = true;
         }
         self.relay_groups_mut().insert(group);
+        if absorbed {
+            self.rewrap_missing_keys(group);
+        }
         self.subscribe_new();
+    }
+
+    /// Wraps the group's keys to member devices the chain misses, as the engine does
+    /// (`crypto::group::missing_wraps`).
+    /// After a revocation in `account`'s log: this device may now be a device's keeper.
+    pub(super) fn rewrap_after_revocation(&mut self, account: AccountId) {
+        let groups: Vec<DocId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.latest().is_some_and(|u| u.is_member(&account)))
+            .map(|(id, _)| *id)
+            .collect();
+        for group in groups {
+            self.rewrap_missing_keys(group);
+        }
+    }
+
+    fn rewrap_missing_keys(&mut self, group: DocId) {
+        let me = self.device();
+        let live = self.stage == Stage::Live && self.link.is_some();
+        if !live || self.rewraps.keys().any(|(g, _)| *g == group) {
+            return;
+        }
+        let Some(g) = self.groups.get(&group) else {
+            return;
+        };
+        let (Some(latest), Some(_)) = (g.latest(), g.addr) else {
+            return;
+        };
+        if !latest.is_member(&self.account()) {
+            return;
+        }
+        let epochs: Vec<_> = self
+            .keyring
+            .iter()
+            .filter(|(d, _, _)| **d == group)
+            .map(|(_, e, k)| (e, k.clone()))
+            .collect();
+        let account = self.account();
+        let logs: Vec<&DeviceLog> = latest
+            .members
+            .iter()
+            .filter_map(|m| {
+                if *m == account {
+                    Some(&self.log)
+                } else {
+                    self.logs.get(m)
+                }
+            })
+            .collect();
+        let wrapped = crate::crypto::group::missing_wraps(
+            &g.updates,
+            group,
+            &logs,
+            &me,
+            &epochs,
+            &mut self.rng,
+        )
+        .expect("current devices' keys verify");
+        if wrapped.is_empty() {
+            return;
+        }
+        let update = GroupUpdate::sign(
+            &self.secret,
+            self.account(),
+            group,
+            latest.version + 1,
+            latest.members.clone(),
+            wrapped,
+            latest.label.clone(),
+        )
+        .expect("a valid update");
+        let version = update.version;
+        self.rewraps.insert((group, version), update.clone());
+        // Not `post_group`: the relay may not hold the group (it is known once it confirms).
+        let req = self.session.request(Pending::PostGroup { group, version });
+        self.out.push(Message::PostGroup { req, update });
+    }
+
+    /// Wraps keys again where needed in every group (once a connection's groups are known).
+    pub(super) fn rewrap_all(&mut self) {
+        let groups: Vec<DocId> = self.groups.keys().copied().collect();
+        for group in groups {
+            self.rewrap_missing_keys(group);
+        }
+    }
+
+    /// A membership change of this device refused because another update took its version:
+    /// takes it (and what followed it here) off the chain to make it again, as the engine
+    /// does. False if the refused update is not this device's own, unconfirmed change.
+    fn take_off_refused_changes(&mut self, group: DocId, version: u32) -> bool {
+        let me = self.device();
+        let Some(g) = self.groups.get_mut(&group) else {
+            return false;
+        };
+        let at = version as usize;
+        if version == 0 || g.updates.len() <= at || g.updates[at..].iter().any(|u| u.signer != me) {
+            return false;
+        }
+        let mine = g.updates.split_off(at);
+        self.rebase.entry(group).or_default().extend(mine);
+        self.fetch_group(group, version);
+        true
+    }
+
+    /// Makes refused changes again on the fetched chain (`crypto::group::rebase_changes`).
+    fn rebase_group(&mut self, group: DocId) {
+        let Some(mine) = self.rebase.remove(&group) else {
+            return;
+        };
+        let Some(g) = self.groups.get(&group) else {
+            return;
+        };
+        let Some(addr) = g.addr else {
+            return;
+        };
+        let mut accounts: Vec<AccountId> = g
+            .updates
+            .iter()
+            .chain(&mine)
+            .flat_map(|u| u.members.iter().copied())
+            .collect();
+        accounts.sort();
+        accounts.dedup();
+        let devices = accounts
+            .into_iter()
+            .map(|a| (a, self.current_devices(&[a])))
+            .collect();
+        let keys: Vec<_> = self
+            .keyring
+            .iter()
+            .filter(|(d, _, _)| **d == group)
+            .map(|(_, e, k)| (e, k.clone()))
+            .collect();
+        let again = crate::crypto::group::rebase_changes(
+            &mine,
+            &g.updates,
+            &self.secret,
+            self.log.account(),
+            &keys,
+            &devices,
+            &mut self.rng,
+        )
+        .expect("member devices' keys verify");
+        for update in again {
+            self.publish_group(update, addr);
+        }
+    }
+
+    /// The relay stored a group update of this device: a rewrap joins the chain now, unless
+    /// the chain moved meanwhile (then it is checked again).
+    fn on_group_posted(&mut self, group: DocId, version: u32) {
+        let Some(update) = self.rewraps.remove(&(group, version)) else {
+            return;
+        };
+        self.relay_groups_mut().insert(group);
+        let g = self.groups.entry(group).or_default();
+        if g.updates.len() != version as usize {
+            self.rewrap_missing_keys(group);
+            return;
+        }
+        g.updates.push(update);
     }
 
     fn on_envelopes(
@@ -345,8 +567,10 @@ impl Device {
         if not_yet {
             // Keep the cursor, learn what is missing, fetch again.
             self.session.rewind(&doc, before);
-            self.blocked_mut().insert(doc, attempts + 1);
-            self.refresh_group_of(&addr);
+            // An attempt counts only once what it lacks was asked for (not while offline, nor
+            // while the same is asked already), as in the engine.
+            let asked = self.refresh_group_of(&addr);
+            self.blocked_mut().insert(doc, attempts + u32::from(asked));
             return;
         }
         self.blocked_mut().remove(&doc);
@@ -363,9 +587,18 @@ impl Device {
         self.subscribe_new();
     }
 
-    /// Asks for the group members' logs and the group's later updates.
-    fn refresh_group_of(&mut self, addr: &DocAddr) {
+    /// Asks for the group members' logs and the group's later updates; false if not live or
+    /// asked already.
+    fn refresh_group_of(&mut self, addr: &DocAddr) -> bool {
         let group = group_of(addr);
+        let live = self.stage == Stage::Live && self.link.is_some();
+        if !live
+            || self
+                .session
+                .any_pending(|p| matches!(p, Pending::FetchGroup(g) if *g == group))
+        {
+            return false;
+        }
         let members = self
             .groups
             .get(&group)
@@ -390,6 +623,7 @@ impl Device {
             .get(&group)
             .map_or(0, |g| g.updates.len() as u32);
         self.fetch_group(group, from);
+        true
     }
 
     /// The accounts whose logs list `device`.

@@ -15,6 +15,22 @@ impl Worker {
             self.wake_log_waiters(&account);
             return Ok(());
         }
+        let revokes = entries
+            .iter()
+            .any(|e| matches!(e.action, crate::crypto::device_log::EntryAction::Revoke(_)));
+        self.absorb_log_entries(account, first_seq, entries)?;
+        if revokes {
+            self.rewrap_after_revocation(account)?;
+        }
+        Ok(())
+    }
+
+    fn absorb_log_entries(
+        &mut self,
+        account: AccountId,
+        first_seq: u32,
+        entries: Vec<crate::crypto::device_log::DeviceLogEntry>,
+    ) -> Result<(), EngineError> {
         if account == self.account() {
             let before: HashSet<DeviceId> = self
                 .log
@@ -271,6 +287,6 @@ impl Worker {
         self.emit(Event::DeviceRevoked { device });
         self.share_own_log();
         self.drop_revoked_peers();
-        Ok(())
+        self.rewrap_after_revocation(account)
     }
 }

@@ -109,8 +109,10 @@ impl Worker {
                         r.session.rewind(&doc, *before);
                     }
                 }
-                self.blocked.insert(doc, attempts + 1);
-                self.refresh_group_of(&addr);
+                // An attempt counts only once what it lacks was asked for: not while offline,
+                // nor while the same is asked already.
+                let asked = self.refresh_group_of(&addr);
+                self.blocked.insert(doc, attempts + u32::from(asked));
                 continue;
             }
             self.blocked.remove(&doc);
@@ -163,11 +165,18 @@ impl Worker {
 
     /// Asks a relay for what opening envelopes of `addr` may lack: the device logs of the
     /// group's members and the group's later updates. `retry_blocked` fetches again after.
-    fn refresh_group_of(&mut self, addr: &DocAddr) {
+    /// False if no relay is connected or the group is asked for already.
+    fn refresh_group_of(&mut self, addr: &DocAddr) -> bool {
         let group = group_of(addr);
         let Some(relay) = self.live_relays().first().copied() else {
-            return;
+            return false;
         };
+        let asked = self.relays[relay]
+            .session
+            .any_pending(|p| matches!(p, Pending::FetchGroup(g) if *g == group));
+        if asked {
+            return false;
+        }
         let members = self.group_members(&group).unwrap_or_default();
         for account in members {
             let from_seq = if account == self.account() {
@@ -182,6 +191,7 @@ impl Worker {
             });
         }
         self.fetch_group(relay, group);
+        true
     }
 
     /// Fetches again the documents whose envelopes could not be opened yet.

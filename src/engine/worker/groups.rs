@@ -23,7 +23,9 @@ impl Worker {
     ) -> Result<(), EngineError> {
         let me = self.device();
         let mut new_docs = Vec::new();
-        let mut missing_logs = Vec::new();
+        // Logs to fetch: (account, from entry).
+        let mut missing_logs: Vec<(AccountId, u32)> = Vec::new();
+        let mut absorbed = false;
         for update in updates {
             if update.group != group {
                 continue;
@@ -43,21 +45,35 @@ impl Worker {
             let g = self.groups.entry(group).or_default();
             update.check_follows(g.latest())?;
             update.verify_signature()?;
-            let signer_ok = self
+            let signer_log = self
                 .logs
                 .get(&update.signer_account)
-                .or((update.signer_account == self.log.account()).then_some(&self.log))
-                .map(|log| log.device(&update.signer).is_some());
-            match signer_ok {
-                Some(true) => {}
-                Some(false) => {
+                .or((update.signer_account == self.log.account()).then_some(&self.log));
+            match signer_log.map(|log| (log.device(&update.signer).is_some(), log.len())) {
+                Some((true, _)) => {}
+                Some((false, len)) => {
+                    // The signer may be a device linked since this copy of its account's log
+                    // was fetched: fetch the rest of the log once, then the update again.
+                    let account = update.signer_account;
+                    let asked = relay.and_then(|r| self.relays.get(r)).is_some_and(|r| {
+                        r.session.any_pending(|p| *p == Pending::FetchLog(account))
+                    });
+                    if let (true, Some(relay)) = (asked, relay) {
+                        // Asked already: fetch the chain again after the answer.
+                        self.fetch_group(relay, group);
+                        break;
+                    }
+                    if relay.is_some() && self.logs_refetched.insert((account, len)) {
+                        missing_logs.push((account, len as u32));
+                        break;
+                    }
                     return Err(EngineError::Mismatch {
                         what: "group update signer and its account",
                     });
                 }
                 None => {
                     // The signer's log is needed first; fetch it and the update again later.
-                    missing_logs.push(update.signer_account);
+                    missing_logs.push((update.signer_account, 0));
                     break;
                 }
             }
@@ -91,26 +107,30 @@ impl Worker {
             }
             let g = self.groups.entry(group).or_default();
             g.updates.push(update);
+            absorbed = true;
             for m in members {
                 if m != self.log.account() && !self.logs.contains_key(&m) {
-                    missing_logs.push(m);
+                    missing_logs.push((m, 0));
                 }
             }
         }
         self.save_groups()?;
         missing_logs.sort();
         missing_logs.dedup();
-        for account in missing_logs {
+        for (account, from_seq) in missing_logs {
             let Some(relay) = relay else {
                 break;
             };
             self.request(relay, Pending::FetchLog(account), |req| Message::FetchLog {
                 req,
                 account,
-                from_seq: 0,
+                from_seq,
             });
             // Once the log is in, the rest of the chain is fetched again.
             self.fetch_group(relay, group);
+        }
+        if absorbed {
+            self.rewrap_missing_keys(group)?;
         }
         for addr in &new_docs {
             self.docs.insert(addr.doc_id(), *addr);
@@ -132,6 +152,210 @@ impl Worker {
         self.replica.flush()?;
         let all: BTreeSet<DocAddr> = self.docs.values().copied().collect();
         self.seal_new(all)
+    }
+
+    /// Posts an update of `group` that changes nothing but wraps its keys to the member
+    /// devices the chain misses and this device answers for (`crypto::group::missing_wraps`).
+    /// Posted to the live relays; joins the chain when one confirms it (`on_group_posted`).
+    /// Offline, or with one in flight, nothing is done: it is checked again at the next
+    /// connection.
+    pub(super) fn rewrap_missing_keys(&mut self, group: DocId) -> Result<(), EngineError> {
+        let (me, account) = (self.device(), self.account());
+        let relays = self.live_relays();
+        if relays.is_empty() || self.rewraps.keys().any(|(g, _)| *g == group) {
+            return Ok(());
+        }
+        let Some(g) = self.groups.get(&group) else {
+            return Ok(());
+        };
+        let (Some(latest), Some(_)) = (g.latest(), g.addr) else {
+            return Ok(());
+        };
+        if !latest.is_member(&account) {
+            return Ok(());
+        }
+        let epochs: Vec<(KeyEpoch, DocKey)> = self
+            .keyring
+            .iter()
+            .filter(|(d, _, _)| **d == group)
+            .map(|(_, e, k)| (e, k.clone()))
+            .collect();
+        let logs: Vec<&DeviceLog> = latest
+            .members
+            .iter()
+            .filter_map(|m| {
+                if *m == account {
+                    Some(&self.log)
+                } else {
+                    self.logs.get(m)
+                }
+            })
+            .collect();
+        let wrapped = crate::crypto::group::missing_wraps(
+            &g.updates,
+            group,
+            &logs,
+            &me,
+            &epochs,
+            &mut self.rng,
+        )?;
+        if wrapped.is_empty() {
+            return Ok(());
+        }
+        let version = latest.version + 1;
+        tracing::info!(
+            ?group,
+            version,
+            keys = wrapped.len(),
+            "wrapping a group's keys to member devices that lack them"
+        );
+        let update = GroupUpdate::sign(
+            &self.secret,
+            account,
+            group,
+            version,
+            latest.members.clone(),
+            wrapped,
+            latest.label.clone(),
+        )?;
+        self.rewraps.insert((group, version), update.clone());
+        for relay in relays {
+            let update = update.clone();
+            self.request(relay, Pending::PostGroup { group, version }, |req| {
+                Message::PostGroup { req, update }
+            });
+        }
+        Ok(())
+    }
+
+    /// Wraps keys again, where needed, in every group this account is a member of (after a
+    /// connection's groups are known).
+    pub(super) fn rewrap_all(&mut self) -> Result<(), EngineError> {
+        let mut groups: Vec<DocId> = self.groups.keys().copied().collect();
+        groups.sort();
+        for group in groups {
+            self.rewrap_missing_keys(group)?;
+        }
+        Ok(())
+    }
+
+    /// A relay stored a group update this device posted: a rewrap joins the chain now, if the
+    /// chain has not moved meanwhile (then it is checked again).
+    pub(super) fn on_group_posted(
+        &mut self,
+        group: DocId,
+        version: u32,
+    ) -> Result<(), EngineError> {
+        let Some(update) = self.rewraps.remove(&(group, version)) else {
+            return Ok(());
+        };
+        let g = self.groups.entry(group).or_default();
+        if g.updates.len() != version as usize {
+            return self.rewrap_missing_keys(group);
+        }
+        g.updates.push(update.clone());
+        self.save_groups()?;
+        if self.direct {
+            self.forward_group_to_peers(&update, None);
+        }
+        Ok(())
+    }
+
+    /// Checks every group of `account` for keys to wrap again: a revocation in its log can
+    /// make this device the keeper of a device (`crypto::group::key_keeper`).
+    pub(super) fn rewrap_after_revocation(
+        &mut self,
+        account: AccountId,
+    ) -> Result<(), EngineError> {
+        let groups: Vec<DocId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.latest().is_some_and(|u| u.is_member(&account)))
+            .map(|(id, _)| *id)
+            .collect();
+        for group in groups {
+            self.rewrap_missing_keys(group)?;
+        }
+        Ok(())
+    }
+
+    /// A `PostGroup` refused by `relay`. A rewrap that lost to another device's update of the
+    /// same version is dropped and the chain fetched: the winner is absorbed, and the keys
+    /// wrapped again if it does not cover them. Any other refusal is left as it is: the update
+    /// stays here (docs/SECURITY.md, "Concurrent membership changes").
+    pub(super) fn on_group_refused(&mut self, relay: usize, group: DocId, version: u32) {
+        if self.rewraps.remove(&(group, version)).is_some() {
+            // The chain is checked again once fetched (`on_done`): the winner may cover the
+            // devices, and a relay that lacks the group answers with an error, not a loop.
+            self.fetch_group(relay, group);
+            return;
+        }
+        let me = self.device();
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let at = version as usize;
+        if version == 0 || g.updates.len() <= at || g.updates[at..].iter().any(|u| u.signer != me) {
+            tracing::warn!(?group, version, "a group update of this device was refused");
+            return;
+        }
+        // Another device changed the group first: take this device's changes off the chain
+        // (not stored: after a restart they are posted, refused and taken off again), fetch
+        // the relay's chain and make them again on top of it (`rebase_group`).
+        let mine = g.updates.split_off(at);
+        tracing::info!(
+            ?group,
+            version,
+            n = mine.len(),
+            "a membership change lost a race; making it again"
+        );
+        self.rebase.entry(group).or_default().extend(mine);
+        self.fetch_group(relay, group);
+    }
+
+    /// Makes this device's refused membership changes of `group` again on the chain as it now
+    /// stands (`crypto::group::rebase_changes`).
+    pub(super) fn rebase_group(&mut self, group: DocId) -> Result<(), EngineError> {
+        let Some(mine) = self.rebase.remove(&group) else {
+            return Ok(());
+        };
+        let Some(g) = self.groups.get(&group) else {
+            return Ok(());
+        };
+        let Some(addr) = g.addr else {
+            return Ok(());
+        };
+        let mut accounts: Vec<AccountId> = g
+            .updates
+            .iter()
+            .chain(&mine)
+            .flat_map(|u| u.members.iter().copied())
+            .collect();
+        accounts.sort();
+        accounts.dedup();
+        let devices = accounts
+            .into_iter()
+            .filter_map(|a| self.current_devices(&[a]).ok().map(|d| (a, d)))
+            .collect();
+        let keys: Vec<(KeyEpoch, DocKey)> = self
+            .keyring
+            .iter()
+            .filter(|(d, _, _)| **d == group)
+            .map(|(_, e, k)| (e, k.clone()))
+            .collect();
+        let again = crate::crypto::group::rebase_changes(
+            &mine,
+            &g.updates,
+            &self.secret,
+            self.log.account(),
+            &keys,
+            &devices,
+            &mut self.rng,
+        )?;
+        for update in again {
+            self.publish_group(update, addr)?;
+        }
+        Ok(())
     }
 
     /// Asks `relay` for the updates of `group` after the ones this device holds.

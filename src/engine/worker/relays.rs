@@ -125,6 +125,10 @@ impl Worker {
         r.out = Some(out);
         r.session.reset();
         r.state = ConnectionState::Syncing;
+        // A log asked for again on a connection that ended may be asked again on this one,
+        // and rewraps without an answer are made again once the groups are known.
+        self.logs_refetched.clear();
+        self.rewraps.clear();
         let (account, log_len, log_head) =
             (self.log.account(), self.log.len() as u32, self.log.head());
         self.request(relay, Pending::Hello, |req| Message::Hello {
@@ -298,7 +302,8 @@ impl Worker {
         self.flush_outbox(relay);
         // With nothing to catch up, the relay is live at once.
         self.update_live(relay);
-        Ok(())
+        // Keys a rewrap posted on an earlier connection did not get to their devices.
+        self.rewrap_all()
     }
 
     /// Queues `addrs` for subscription on `relay` (documents of groups this account is a
@@ -437,6 +442,13 @@ impl Worker {
             if let Some((code, done)) = self.offers.remove(rendezvous) {
                 let _ = done.send(Ok(code));
             }
+        }
+        if let Some(Pending::PostGroup { group, version }) = pending {
+            self.on_group_posted(group, version)?;
+        }
+        if let Some(Pending::FetchGroup(group)) = pending {
+            self.rebase_group(group)?;
+            self.rewrap_missing_keys(group)?;
         }
         if let Some(Pending::LogAppendThenHello) = pending {
             let account = self.account();
@@ -586,6 +598,9 @@ impl Worker {
                 covers,
                 changes,
             }) => self.on_snapshot_answered(relay, doc, covers, changes, false),
+            Some(Pending::PostGroup { group, version }) if code == ErrorCode::REJECTED => {
+                self.on_group_refused(relay, group, version);
+            }
             _ => {}
         }
         self.emit(Event::RelayError { code, text });
