@@ -145,39 +145,19 @@ fn convergence(w: &World) -> Result<(), String> {
                     .get(&DocAddr::Meta(c).doc_id())
                     .map_or(0, |g| g.updates.len());
                 if held != len {
+                    if std::env::var_os("SIM_DBG").is_some() {
+                        for dd in &w.devices {
+                            eprintln!("DBG d{} {:?}", dd.idx, dd.groups.get(&DocAddr::Meta(c).doc_id()).map(|g| g.updates.iter().map(|u| (u.version, u.signer, u.members.clone())).collect::<Vec<_>>()));
+                        }
+                    }
                     return Err(format!(
-                        "device {} holds {held} of {len} updates of the group of {c:?}",
-                        d.idx
+                        "device {} holds {held} of {len} updates of the group of {c:?} ({:?})",
+                        d.idx,
+                        DocAddr::Meta(c).doc_id()
                     ));
                 }
                 if !d.replica.has_meta(&c) {
                     let group = DocAddr::Meta(c).doc_id();
-                    if std::env::var_os("SIM_DBG").is_some() {
-                        eprintln!(
-                            "DBG group {group:?} chain {:#?}",
-                            d.groups.get(&group).map(|g| g
-                                .updates
-                                .iter()
-                                .map(|u| (
-                                    u.version,
-                                    u.signer,
-                                    u.keys
-                                        .iter()
-                                        .map(|k| (k.recipient, k.epoch))
-                                        .collect::<Vec<_>>()
-                                ))
-                                .collect::<Vec<_>>())
-                        );
-                        for dd in &w.devices {
-                            eprintln!(
-                                "DBG d{} = {:?} current {} live {}",
-                                dd.idx,
-                                dd.device(),
-                                dd.is_current(),
-                                w.is_live_device(dd.idx)
-                            );
-                        }
-                    }
                     return Err(format!(
                         "device {} lacks conversation {c:?} (group key {}, cursor {:?}, blocked {:?})",
                         d.idx,

@@ -615,11 +615,22 @@ impl Device {
         let listed: BTreeMap<DocId, u32> = listed.iter().copied().collect();
         self.relay_groups = listed.keys().copied().collect();
         let me = self.device();
+        let account = self.account();
         let mut posts = Vec::new();
         let mut fetches = Vec::new();
+        let mut resign = Vec::new();
         for (group, g) in &self.groups {
             let held = listed.get(group).map_or(0, |v| v + 1) as usize;
             for u in g.updates.iter().skip(held) {
+                // As in the engine: an update of a device of this account revoked since is
+                // signed again here.
+                let revoked_own = u.signer_account == account
+                    && self.log.device(&u.signer).is_some()
+                    && !self.log.is_current(&u.signer);
+                if revoked_own {
+                    resign.push(u.clone());
+                    continue;
+                }
                 if u.signer != me {
                     break;
                 }
@@ -628,7 +639,29 @@ impl Device {
             if held > g.updates.len() {
                 fetches.push((*group, g.updates.len() as u32));
             }
+            if let (Some(head), Some(v)) = (g.latest(), listed.get(group)) {
+                if head.signer == me && *v >= head.version {
+                    fetches.push((*group, head.version));
+                }
+            }
         }
+        for u in resign {
+            let update = GroupUpdate::sign(
+                &self.secret,
+                account,
+                u.group,
+                u.version,
+                u.members.clone(),
+                u.keys.clone(),
+                u.label.clone(),
+            )
+            .expect("a valid update");
+            if let Some(g) = self.groups.get_mut(&u.group) {
+                g.updates[u.version as usize] = update.clone();
+            }
+            posts.push(update);
+        }
+        posts.sort_by_key(|u| (u.group, u.version));
         for group in listed.keys() {
             if !self.groups.contains_key(group) {
                 fetches.push((*group, 0));

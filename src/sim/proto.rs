@@ -273,8 +273,21 @@ impl Device {
             }
             let have = self.groups.get(&group).map_or(0, |g| g.updates.len());
             if (update.version as usize) < have {
-                continue;
+                // The relay's chain differs from this device's own unconfirmed changes: take
+                // them off and make them again, as the engine does.
+                let at = update.version as usize;
+                let forked = self.groups.get(&group).is_some_and(|g| {
+                    g.updates[at] != update && g.updates[at..].iter().all(|u| u.signer == me)
+                });
+                if !forked {
+                    continue;
+                }
+                if let Some(g) = self.groups.get_mut(&group) {
+                    let mine = g.updates.split_off(at);
+                    self.rebase.entry(group).or_default().extend(mine);
+                }
             }
+            let have = self.groups.get(&group).map_or(0, |g| g.updates.len());
             if update.version as usize > have {
                 self.fetch_group(group, have as u32);
                 break;
@@ -351,6 +364,7 @@ impl Device {
         }
         self.relay_groups_mut().insert(group);
         if absorbed {
+            self.rebase_group(group);
             self.rewrap_missing_keys(group);
         }
         self.subscribe_new();
@@ -450,8 +464,13 @@ impl Device {
             return false;
         };
         let at = version as usize;
-        if version == 0 || g.updates.len() <= at || g.updates[at..].iter().any(|u| u.signer != me) {
+        if version == 0 {
             return false;
+        }
+        if g.updates.len() <= at || g.updates[at..].iter().any(|u| u.signer != me) {
+            // Taken off already: by an earlier refusal of the same post, or replaced by the
+            // relay's chain when it was fetched or pushed.
+            return true;
         }
         let mine = g.updates.split_off(at);
         self.rebase.entry(group).or_default().extend(mine);

@@ -32,8 +32,23 @@ impl Worker {
             }
             let have = self.groups.get(&group).map_or(0, |g| g.updates.len());
             if (update.version as usize) < have {
-                continue;
+                // The relay's chain differs from this device's own unconfirmed changes (made
+                // offline while another device changed the group): take them off and make
+                // them again on the relay's chain (`rebase_group`).
+                let at = update.version as usize;
+                let forked = relay.is_some()
+                    && self.groups.get(&group).is_some_and(|g| {
+                        g.updates[at] != update && g.updates[at..].iter().all(|u| u.signer == me)
+                    });
+                if !forked {
+                    continue;
+                }
+                if let Some(g) = self.groups.get_mut(&group) {
+                    let mine = g.updates.split_off(at);
+                    self.rebase.entry(group).or_default().extend(mine);
+                }
             }
+            let have = self.groups.get(&group).map_or(0, |g| g.updates.len());
             if update.version as usize > have {
                 // A push after updates this device has not seen (added to an existing group,
                 // or a dropped push): fetch the chain from where it stands.
@@ -128,6 +143,9 @@ impl Worker {
             });
             // Once the log is in, the rest of the chain is fetched again.
             self.fetch_group(relay, group);
+        }
+        if absorbed && relay.is_some() {
+            self.rebase_group(group)?;
         }
         if absorbed {
             self.rewrap_missing_keys(group)?;
@@ -295,8 +313,13 @@ impl Worker {
             return;
         };
         let at = version as usize;
-        if version == 0 || g.updates.len() <= at || g.updates[at..].iter().any(|u| u.signer != me) {
-            tracing::warn!(?group, version, "a group update of this device was refused");
+        if version == 0 {
+            tracing::warn!(?group, "a new group of this device was refused");
+            return;
+        }
+        if g.updates.len() <= at || g.updates[at..].iter().any(|u| u.signer != me) {
+            // Taken off already: by an earlier refusal of the same post, or replaced by the
+            // relay's chain when it was fetched or pushed (`on_group_updates`).
             return;
         }
         // Another device changed the group first: take this device's changes off the chain
@@ -364,6 +387,11 @@ impl Worker {
             .groups
             .get(&group)
             .map_or(0, |g| g.updates.len() as u32);
+        self.fetch_group_from(relay, group, from_version);
+    }
+
+    /// Asks `relay` for the updates of `group` from `from_version`.
+    pub(super) fn fetch_group_from(&mut self, relay: usize, group: DocId, from_version: u32) {
         self.request(relay, Pending::FetchGroup(group), |req| {
             Message::FetchGroup {
                 req,

@@ -264,17 +264,59 @@ impl Worker {
         // Groups this relay will accept subscriptions for: those it lists, and those whose
         // missing updates this device signed (it accepts only a connection's own updates).
         let mut known: HashSet<DocId> = relay_has.keys().copied().collect();
+        // Lacking updates signed by a device of this account revoked since (it can no longer
+        // post them) are signed again here, unchanged otherwise.
+        let mut resigned: Vec<GroupUpdate> = Vec::new();
+        // Groups whose latest update this device signed and the relay has that version of:
+        // fetched from it, in case the relay's is another device's (`on_group_updates`).
+        let mut check: Vec<(DocId, u32)> = Vec::new();
         for (id, g) in &self.groups {
             let still_member = g.latest().is_some_and(|u| u.is_member(&me));
             if g.addr.is_none() || !still_member {
                 continue;
             }
             let from = relay_has.get(id).map_or(0, |v| *v as usize + 1);
-            let lacking: Vec<GroupUpdate> = g.updates.iter().skip(from).cloned().collect();
-            if lacking.iter().all(|u| u.signer == my_device) {
-                known.insert(*id);
-                missing.extend(lacking);
+            if let (Some(head), Some(v)) = (g.latest(), relay_has.get(id)) {
+                if head.signer == my_device && *v >= head.version {
+                    check.push((*id, head.version));
+                }
             }
+            let lacking: Vec<GroupUpdate> = g.updates.iter().skip(from).cloned().collect();
+            let postable = |u: &GroupUpdate| {
+                u.signer == my_device
+                    || (u.signer_account == me
+                        && self.log.device(&u.signer).is_some()
+                        && !self.log.is_current(&u.signer))
+            };
+            if lacking.iter().all(postable) {
+                known.insert(*id);
+                for u in lacking {
+                    if u.signer == my_device {
+                        missing.push(u);
+                    } else {
+                        resigned.push(u);
+                    }
+                }
+            }
+        }
+        for u in resigned {
+            let update = GroupUpdate::sign(
+                &self.secret,
+                me,
+                u.group,
+                u.version,
+                u.members.clone(),
+                u.keys.clone(),
+                u.label.clone(),
+            )?;
+            if let Some(g) = self.groups.get_mut(&u.group) {
+                g.updates[u.version as usize] = update.clone();
+            }
+            missing.push(update);
+        }
+        self.save_groups()?;
+        for (group, version) in check {
+            self.fetch_group_from(relay, group, version);
         }
         missing.sort_by_key(|u| u.version);
         for update in missing {
