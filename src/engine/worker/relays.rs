@@ -260,6 +260,10 @@ impl Worker {
         // Groups this relay will accept subscriptions for: those it lists, and those whose
         // missing updates this device signed (it accepts only a connection's own updates).
         let mut known: HashSet<DocId> = relay_has.keys().copied().collect();
+        // Groups this device holds as a member that the relay does not list for this account,
+        // with updates by others: the account may have been removed while this device was
+        // offline. Fetching from the held version brings the removal if so.
+        let mut unlisted: Vec<DocId> = Vec::new();
         for (id, g) in &self.groups {
             let still_member = g.latest().is_some_and(|u| u.is_member(&me));
             if g.addr.is_none() || !still_member {
@@ -270,7 +274,12 @@ impl Worker {
             if lacking.iter().all(|u| u.signer == my_device) {
                 known.insert(*id);
                 missing.extend(lacking);
+            } else if !relay_has.contains_key(id) {
+                unlisted.push(*id);
             }
+        }
+        for group in unlisted {
+            self.fetch_group(relay, group);
         }
         missing.sort_by_key(|u| u.version);
         for update in missing {
@@ -554,6 +563,22 @@ impl Worker {
                 // other relays, but stop offering it to this one.
                 if let Some(it) = self.outbox.get_mut(&outbox) {
                     it.acked |= 1u64 << relay.min(63);
+                }
+            }
+            Some(Pending::Append { outbox }) if code == ErrorCode::UNAUTHORISED => {
+                // Perhaps this account was removed from the group and the relay knows it: ask
+                // for the group's later updates (once at a time). If they remove it, the
+                // group's rows leave the outbox; if not (say the group has not reached the
+                // relay yet), the row is offered again later.
+                let group = self.outbox.get(&outbox).map(|it| it.group);
+                let asking = |group: DocId| {
+                    self.relays.get(relay).is_some_and(|r| {
+                        r.session
+                            .any_pending(|p| matches!(p, Pending::FetchGroup(g) if *g == group))
+                    })
+                };
+                if let Some(group) = group.filter(|g| self.groups.contains_key(g) && !asking(*g)) {
+                    self.fetch_group(relay, group);
                 }
             }
             Some(Pending::Fetch(doc)) => {
