@@ -264,7 +264,9 @@ fn describe(event: &Event) -> Option<String> {
         Event::ConversationAdded { .. } => "you were added to a conversation (/list)".into(),
         Event::RemovedFromConversation { .. } => "you were removed from a conversation".into(),
         Event::NotDelivered { envelopes, .. } => {
-            format!("{envelopes} upload(s) to a conversation you were removed from were not delivered")
+            format!(
+                "{envelopes} upload(s) to a conversation you were removed from were not delivered"
+            )
         }
         Event::Typing {
             account,

@@ -181,7 +181,9 @@ async fn a_member_removed_while_offline_is_told_and_its_offline_writes_are_not_d
         port: free_port(),
         ..addr.clone()
     };
-    let b = Engine::open(config(dir.path(), "b", &nowhere)).await.unwrap();
+    let b = Engine::open(config(dir.path(), "b", &nowhere))
+        .await
+        .unwrap();
     let offline = [
         b.send(&chat, "offline 1").await.unwrap(),
         b.send(&chat, "offline 2").await.unwrap(),
@@ -193,9 +195,11 @@ async fn a_member_removed_while_offline_is_told_and_its_offline_writes_are_not_d
 
     let b = Engine::open(config(dir.path(), "b", &addr)).await.unwrap();
     let mut events = b.events();
-    wait_for(&mut events, "the removal", |e| {
-        matches!(e, Event::RemovedFromConversation { conversation } if *conversation == chat)
-    })
+    wait_for(
+        &mut events,
+        "the removal",
+        |e| matches!(e, Event::RemovedFromConversation { conversation } if *conversation == chat),
+    )
     .await;
     wait_for(&mut events, "the undelivered report", |e| {
         matches!(e, Event::NotDelivered { conversation, envelopes } if *conversation == chat && *envelopes > 0)

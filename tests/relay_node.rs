@@ -166,7 +166,16 @@ async fn a_connection_behind_its_pushes_is_closed_lagged_and_catches_up() {
         }
         for _ in first..=last {
             let ack = alice.next().await;
-            assert!(matches!(ack, Message::Ack { duplicate: false, .. }), "{ack:?}");
+            assert!(
+                matches!(
+                    ack,
+                    Message::Ack {
+                        duplicate: false,
+                        ..
+                    }
+                ),
+                "{ack:?}"
+            );
         }
     }
     let closed = tokio::time::timeout(WAIT, bob.conn.closed())

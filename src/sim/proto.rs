@@ -171,7 +171,9 @@ impl Device {
                 } else {
                     // As the engine: an append refused `UNAUTHORISED` asks for the group's
                     // later updates (once at a time), which bring a removal the relay knows of.
-                    if let Some(g) = group.filter(|g| code == ErrorCode::UNAUTHORISED && self.groups.contains_key(g)) {
+                    if let Some(g) = group
+                        .filter(|g| code == ErrorCode::UNAUTHORISED && self.groups.contains_key(g))
+                    {
                         let asking = self
                             .session
                             .any_pending(|p| matches!(p, Pending::FetchGroup(f) if *f == g));

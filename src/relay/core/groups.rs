@@ -210,7 +210,10 @@ impl RelayCore {
                 .unwrap_or_default());
         }
         let chain = self.groups.get(group).ok_or_else(not_member)?;
-        let held = chain.updates.get(from.saturating_sub(1)).ok_or_else(not_member)?;
+        let held = chain
+            .updates
+            .get(from.saturating_sub(1))
+            .ok_or_else(not_member)?;
         if !held.is_member(account) {
             return Err(not_member());
         }
