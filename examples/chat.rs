@@ -262,6 +262,12 @@ fn describe(event: &Event) -> Option<String> {
         Event::MessageRecalled { .. } => "a message was recalled".into(),
         Event::ReactionsChanged { .. } => "reactions changed".into(),
         Event::ConversationAdded { .. } => "you were added to a conversation (/list)".into(),
+        Event::RemovedFromConversation { .. } => "you were removed from a conversation".into(),
+        Event::NotDelivered { envelopes, .. } => {
+            format!(
+                "{envelopes} upload(s) to a conversation you were removed from were not delivered"
+            )
+        }
         Event::Typing {
             account,
             typing: true,

@@ -158,6 +158,78 @@ async fn an_offline_device_catches_up_on_reconnect() {
     relay.shutdown().await;
 }
 
+/// B's device is offline while A removes B from a conversation; offline, B writes to it. When
+/// B comes back it is told it was removed, its offline messages are reported as not delivered
+/// and leave the outbox (nothing is offered again), and it reads nothing A wrote afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_while_offline_is_told_and_its_offline_writes_are_not_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let a = account(dir.path(), "a", &addr).await;
+    let b = account(dir.path(), "b", &addr).await;
+    let b_account = b.account();
+    let chat = a.create_conversation("c", &[b_account]).await.unwrap();
+    until_listed(&b, &chat).await;
+    let before = a.send(&chat, "before").await.unwrap();
+    until_history(&b, &chat, 1).await;
+    b.shutdown().await;
+    a.remove_member(&chat, b_account).await.unwrap();
+    until_uploaded(&a).await;
+    // B writes while offline: its relay address leads nowhere.
+    let nowhere = PeerAddr {
+        port: free_port(),
+        ..addr.clone()
+    };
+    let b = Engine::open(config(dir.path(), "b", &nowhere))
+        .await
+        .unwrap();
+    let offline = [
+        b.send(&chat, "offline 1").await.unwrap(),
+        b.send(&chat, "offline 2").await.unwrap(),
+    ];
+    assert!(b.sync_status().await.unwrap().pending_uploads > 0);
+    b.shutdown().await;
+    let after = a.send(&chat, "after the removal").await.unwrap();
+    until_uploaded(&a).await;
+
+    let b = Engine::open(config(dir.path(), "b", &addr)).await.unwrap();
+    let mut events = b.events();
+    wait_for(
+        &mut events,
+        "the removal",
+        |e| matches!(e, Event::RemovedFromConversation { conversation } if *conversation == chat),
+    )
+    .await;
+    wait_for(&mut events, "the undelivered report", |e| {
+        matches!(e, Event::NotDelivered { conversation, envelopes } if *conversation == chat && *envelopes > 0)
+    })
+    .await;
+    until_live(&b).await;
+    until_uploaded(&b).await;
+    // Nothing is offered again: once the first connection's answers are in, the relay
+    // refuses nothing more (the outbox is offered every second).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while events.try_recv().is_ok() {}
+    let quiet_until = Instant::now() + Duration::from_millis(2_500);
+    while let Ok(Ok(e)) = tokio::time::timeout_at(quiet_until.into(), events.recv()).await {
+        assert!(!matches!(e, Event::RelayError { .. }), "{e:?}");
+    }
+    assert_eq!(b.sync_status().await.unwrap().pending_uploads, 0);
+    // B holds what it had and wrote, and nothing A wrote after the removal.
+    let held = all_ids(&b, &chat).await;
+    assert!(held.contains(&before), "{held:?}");
+    assert!(offline.iter().all(|m| held.contains(m)), "{held:?}");
+    assert!(!held.contains(&after), "{held:?}");
+    // A never got B's offline messages.
+    let a_held = all_ids(&a, &chat).await;
+    assert!(offline.iter().all(|m| !a_held.contains(m)), "{a_held:?}");
+    for e in [a, b] {
+        e.shutdown().await;
+    }
+    relay.shutdown().await;
+}
+
 /// A relay-node process on a fixed port, so a restart keeps the address.
 struct Node {
     child: Child,

@@ -25,8 +25,14 @@ fn segment() -> DocId {
 /// Alice and Bob signed in, members of `group()` (Bob told of it), both subscribed to
 /// `segment()`.
 async fn two_members(addr: &PeerAddr) -> (Client, Client) {
-    let mut alice = Client::connect(addr, 1).await;
-    let mut bob = Client::connect(addr, 2).await;
+    let alice = Client::connect(addr, 1).await;
+    let bob = Client::connect(addr, 2).await;
+    join(alice, bob).await
+}
+
+/// Signs in `alice` and `bob`, makes both members of `group()` and subscribes both to
+/// `segment()`.
+async fn join(mut alice: Client, mut bob: Client) -> (Client, Client) {
     alice.sign_in().await;
     bob.sign_in().await;
     let update = alice.update(0, vec![alice.account(), bob.account()]);
@@ -126,6 +132,105 @@ async fn append_is_acknowledged_and_pushed_to_the_other_member() {
     assert!(
         matches!(&fetched, Message::Envelopes { req: 7, items, more: false, .. } if items.len() == 1),
         "{fetched:?}"
+    );
+    relay.shutdown().await;
+}
+
+/// Bob stops reading while Alice appends more than his push queue and receive window hold: the
+/// relay closes his connection at once with `LAGGED` rather than dropping pushes he would
+/// never notice missing, and when he reconnects his subscription from his cursor brings every
+/// envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_behind_its_pushes_is_closed_lagged_and_catches_up() {
+    // More than the push queue (1,024) plus what an 8 KiB window lets through.
+    const APPENDS: u64 = 1_536;
+    const BATCH: u64 = 256;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = support::relay(dir.path()).await;
+    let addr = relay.addr();
+    let alice = Client::connect(&addr, 1).await;
+    let bob = Client::connect_with_window(&addr, 2, 8 * 1024).await;
+    let (mut alice, bob) = join(alice, bob).await;
+    let started = std::time::Instant::now();
+    for first in (1..=APPENDS).step_by(BATCH as usize) {
+        let last = (first + BATCH - 1).min(APPENDS);
+        for seq in first..=last {
+            let envelope = alice.envelope(segment(), seq);
+            alice
+                .send(Message::Append {
+                    req: 100 + seq as u32,
+                    group: group(),
+                    envelope,
+                })
+                .await;
+        }
+        for _ in first..=last {
+            let ack = alice.next().await;
+            assert!(
+                matches!(
+                    ack,
+                    Message::Ack {
+                        duplicate: false,
+                        ..
+                    }
+                ),
+                "{ack:?}"
+            );
+        }
+    }
+    let closed = tokio::time::timeout(WAIT, bob.conn.closed())
+        .await
+        .expect("the relay closes the lagging connection");
+    match &closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, u32::from(ErrorCode::LAGGED.0).into());
+        }
+        other => panic!("closed for another reason: {other:?}"),
+    }
+    // Alice is not affected.
+    let ack = alice
+        .request(Message::Append {
+            req: 1,
+            group: group(),
+            envelope: alice.envelope(segment(), APPENDS + 1),
+        })
+        .await;
+    assert!(matches!(ack, Message::Ack { req: 1, .. }), "{ack:?}");
+
+    // Bob had taken none of them: he reconnects and subscribes from cursor 0.
+    let mut bob = Client::connect_as(&addr, bob.secret, bob.log).await;
+    bob.hello(2).await;
+    bob.send(Message::Subscribe {
+        req: 3,
+        items: vec![Subscription {
+            doc: segment(),
+            group: group(),
+            after_seq: 0,
+            snapshot: false,
+        }],
+    })
+    .await;
+    let mut cursor = 0;
+    let mut received = 0;
+    loop {
+        match bob.next().await {
+            Message::Envelopes { doc, items, .. } => {
+                assert_eq!(doc, segment());
+                for item in items {
+                    assert_eq!(item.prev, cursor, "the catch-up is one chain");
+                    cursor = item.seq;
+                    received += 1;
+                }
+            }
+            Message::Done { req: 3 } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(received, APPENDS + 1);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
     );
     relay.shutdown().await;
 }

@@ -342,6 +342,22 @@ pub enum Event {
         /// The conversation.
         conversation: ConversationId,
     },
+    /// This account was removed from a conversation: learnt when the removal arrives, or, for
+    /// a device that was offline, at its next connection. Nothing written to the conversation
+    /// afterwards reaches this device, and what it writes there is not sent.
+    RemovedFromConversation {
+        /// The conversation.
+        conversation: ConversationId,
+    },
+    /// Changes this device made to a conversation (messages, edits, reactions…) that no relay
+    /// accepted before this account was removed from it. They can never be delivered: they
+    /// left the outbox and stay on this device only.
+    NotDelivered {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Envelopes dropped from the outbox.
+        envelopes: u32,
+    },
     /// Another member is typing, or stopped.
     Typing {
         /// The conversation.

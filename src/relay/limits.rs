@@ -40,8 +40,8 @@ pub const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024;
 /// Events (messages, datagrams, connection changes) queued for the relay's actor before the
 /// connections feeding it wait.
 pub const EVENT_QUEUE_DEPTH: usize = 4096;
-/// Pushes queued for one connection; a push that finds the queue full is dropped (the device
-/// notices the gap and fetches).
+/// Pushes queued for one connection; a push that finds the queue full is dropped and the
+/// connection closed with `LAGGED` (the device reconnects and catches up from its cursors).
 pub const PUSH_QUEUE_DEPTH: usize = 1024;
 /// Answers queued for one connection above which the relay stops reading its requests until
 /// the connection has taken some (answers are never dropped).

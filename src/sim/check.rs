@@ -147,7 +147,15 @@ fn convergence(w: &World) -> Result<(), String> {
                 if held != len {
                     if std::env::var_os("SIM_DBG").is_some() {
                         for dd in &w.devices {
-                            eprintln!("DBG d{} {:?}", dd.idx, dd.groups.get(&DocAddr::Meta(c).doc_id()).map(|g| g.updates.iter().map(|u| (u.version, u.signer, u.members.clone())).collect::<Vec<_>>()));
+                            eprintln!(
+                                "DBG d{} {:?}",
+                                dd.idx,
+                                dd.groups.get(&DocAddr::Meta(c).doc_id()).map(|g| g
+                                    .updates
+                                    .iter()
+                                    .map(|u| (u.version, u.signer, u.members.clone()))
+                                    .collect::<Vec<_>>())
+                            );
                         }
                     }
                     return Err(format!(

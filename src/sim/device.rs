@@ -364,6 +364,10 @@ impl Device {
                 continue;
             }
             let group = group_of(&addr);
+            // As the engine: nothing is sealed for a group this account was removed from.
+            if !self.is_member_of(&group) {
+                continue;
+            }
             let Some((epoch, key)) = self.keyring.latest(&group) else {
                 continue;
             };
@@ -600,12 +604,14 @@ impl Device {
         self.link.is_some()
             && self.stage == Stage::Live
             && self.session.open_requests() == 0
-            // Appends to a group the relay does not list for this account wait forever: a
-            // member removed while offline is never told (see docs/TESTING.md).
-            && self
-                .outbox
-                .values()
-                .all(|o| !self.relay_groups.contains(&o.group))
+            // Appends to the account's own group while the relay does not list it wait: when
+            // the device that made the account was revoked before it posted that group, no
+            // other device can post it (see docs/TESTING.md, finding 7). Every other append
+            // must be taken or, for a removed member, dropped.
+            && self.outbox.values().all(|o| {
+                o.group == DocAddr::Account(self.account()).doc_id()
+                    && !self.relay_groups.contains(&o.group)
+            })
             && self.blocked.is_empty()
             && self.out.is_empty()
     }
@@ -644,6 +650,14 @@ impl Device {
                     fetches.push((*group, head.version));
                 }
             }
+            // As the engine: a group held as a member that the relay does not list, with
+            // updates by others, may have removed this account while it was offline; fetching
+            // from the held version brings the removal.
+            let member = g.latest().is_some_and(|u| u.is_member(&account));
+            let others = g.updates.iter().any(|u| u.signer != me);
+            if !listed.contains_key(group) && member && others {
+                fetches.push((*group, g.updates.len() as u32));
+            }
         }
         for u in resign {
             let update = GroupUpdate::sign(
@@ -673,6 +687,23 @@ impl Device {
         for (group, from_version) in fetches {
             self.fetch_group(group, from_version);
         }
+    }
+
+    /// Whether this account is a member of `group` as far as this device knows (a group it
+    /// holds nothing of counts as one).
+    pub(super) fn is_member_of(&self, group: &DocId) -> bool {
+        let account = self.account();
+        self.groups
+            .get(group)
+            .and_then(|g| g.latest())
+            .is_none_or(|u| u.is_member(&account))
+    }
+
+    /// This account was removed from `group`: its outbox entries can never be accepted, so
+    /// they are dropped (the engine reports them to the app as not delivered).
+    pub(super) fn on_removed(&mut self, group: DocId) {
+        self.outbox.retain(|_, o| o.group != group);
+        self.deferred.retain(|id, _| self.outbox.contains_key(id));
     }
 
     pub(super) fn post_group(&mut self, update: GroupUpdate) {

@@ -62,7 +62,8 @@ pub(crate) struct Config {
     pub op_per_mille: u64,
     /// Per-mille chance, per step, of each kind of fault.
     pub fault_per_mille: u64,
-    /// Per-mille chance that the relay drops a push (the protocol allows it).
+    /// Per-mille chance that the relay drops a push, which closes the connection (as the server
+    /// does with a connection whose push queue is full).
     pub push_drop_per_mille: u64,
     /// A malicious relay mode, if any.
     pub malice: Option<Malice>,
@@ -80,7 +81,7 @@ impl Default for Config {
             chaos_steps: 200,
             op_per_mille: 250,
             fault_per_mille: 12,
-            push_drop_per_mille: 0,
+            push_drop_per_mille: 20,
             malice: None,
             strict: false,
             link_per_mille: devices::LINK_PER_MILLE,
@@ -460,8 +461,15 @@ impl World {
         for n in net {
             match n {
                 NetOut::Msg { conn, msg, push } => {
-                    if push && self.rng.chance(self.cfg.push_drop_per_mille) {
+                    // As the server does when a connection's push queue is full: the push is
+                    // dropped and the connection closed at once (`LAGGED`), losing what was in
+                    // flight; the device reconnects and catches up from its cursors.
+                    if push
+                        && self.links.contains_key(&conn.0)
+                        && self.rng.chance(self.cfg.push_drop_per_mille)
+                    {
                         self.stats.pushes_dropped += 1;
+                        self.cut(conn.0);
                         continue;
                     }
                     if let Some(d) = self.links.get(&conn.0).map(|l| l.device) {

@@ -176,6 +176,19 @@ impl Device {
                     self.outbox.remove(&(outbox as u64));
                     self.refused.push(format!("append refused: {text}"));
                 } else {
+                    // As the engine: an append refused `UNAUTHORISED` asks for the group's
+                    // later updates (once at a time), which bring a removal the relay knows of.
+                    if let Some(g) = group
+                        .filter(|g| code == ErrorCode::UNAUTHORISED && self.groups.contains_key(g))
+                    {
+                        let asking = self
+                            .session
+                            .any_pending(|p| matches!(p, Pending::FetchGroup(f) if *f == g));
+                        if !asking {
+                            let from = self.groups[&g].updates.len() as u32;
+                            self.fetch_group(g, from);
+                        }
+                    }
                     self.defer_append(outbox as u64);
                 }
             }
@@ -359,8 +372,13 @@ impl Device {
             if g.addr.is_none() {
                 g.addr = addr;
             }
+            let was_member = g.latest().is_some_and(|u| u.is_member(&my_account));
+            let removed = was_member && !update.is_member(&my_account);
             g.updates.push(update);
             absorbed = true;
+            if removed {
+                self.on_removed(group);
+            }
         }
         self.relay_groups_mut().insert(group);
         if absorbed {

@@ -157,6 +157,9 @@ impl ErrorCode {
     pub const REJECTED: ErrorCode = ErrorCode(6);
     /// Something failed on the sender's side.
     pub const INTERNAL: ErrorCode = ErrorCode(7);
+    /// The connection fell behind its pushes and was closed; reconnect and catch up from the
+    /// cursors.
+    pub const LAGGED: ErrorCode = ErrorCode(8);
 }
 
 impl fmt::Debug for ErrorCode {
@@ -169,6 +172,7 @@ impl fmt::Debug for ErrorCode {
             ErrorCode::QUOTA_EXCEEDED => "QUOTA_EXCEEDED",
             ErrorCode::REJECTED => "REJECTED",
             ErrorCode::INTERNAL => "INTERNAL",
+            ErrorCode::LAGGED => "LAGGED",
             ErrorCode(n) => return write!(f, "ErrorCode({n})"),
         };
         f.write_str(name)

@@ -1,5 +1,9 @@
 //! A device speaking protocol messages directly, for tests of the relay.
 
+use std::sync::Arc;
+
+use quinn::VarInt;
+use quinn::crypto::rustls::QuicClientConfig;
 use roamsync::crypto::device_log::DeviceLog;
 use roamsync::crypto::envelope::{EnvelopeHeader, EnvelopeKind, SealedEnvelope};
 use roamsync::crypto::group::{GroupUpdate, SealedLabel};
@@ -7,7 +11,7 @@ use roamsync::crypto::identity::DeviceSecret;
 use roamsync::crypto::keys::{DocKey, KeyEpoch};
 use roamsync::crypto::rng::SeedRng;
 use roamsync::ids::{AccountId, ConversationId, DocAddr, DocId};
-use roamsync::net::{FramedRecv, FramedSend, Identity, PeerAddr};
+use roamsync::net::{FramedRecv, FramedSend, Identity, PeerAddr, PinnedServerVerifier};
 use roamsync::wire::frame::Frame;
 use roamsync::wire::message::Message;
 
@@ -28,6 +32,40 @@ impl Client {
         let secret = DeviceSecret::generate(&mut SeedRng::from_seed([seed; 32]));
         let log = DeviceLog::create(&secret, "smoke", "test").unwrap();
         Client::connect_as(relay, secret, log).await
+    }
+
+    /// Connects with receive windows of `window_bytes` (stream) and twice that (connection)
+    /// instead of the transport's, so a client that stops reading blocks the relay's writer
+    /// after a few pushes.
+    pub async fn connect_with_window(relay: &PeerAddr, seed: u8, window_bytes: u32) -> Client {
+        let secret = DeviceSecret::generate(&mut SeedRng::from_seed([seed; 32]));
+        let log = DeviceLog::create(&secret, "smoke", "test").unwrap();
+        let identity = Identity::from_device(&secret).unwrap();
+        let endpoint = roamsync::net::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let verifier = Arc::new(PinnedServerVerifier::new(relay.key));
+        let tls = roamsync::net::tls::client_config(&identity, verifier).unwrap();
+        let crypto = QuicClientConfig::try_from(tls).unwrap();
+        let mut transport = roamsync::net::transport_config();
+        transport
+            .stream_receive_window(VarInt::from_u32(window_bytes))
+            .receive_window(VarInt::from_u32(2 * window_bytes));
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport));
+        let addr = relay.resolve().await.unwrap();
+        let conn = endpoint
+            .connect_with(config, addr, roamsync::net::tls::SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        Client {
+            secret,
+            log,
+            conn,
+            send: FramedSend::new(send),
+            recv: FramedRecv::new(recv),
+            _endpoint: endpoint,
+        }
     }
 
     /// Connects as an existing device of an existing account (whose log the relay holds).

@@ -22,10 +22,12 @@ impl Worker {
         updates: Vec<GroupUpdate>,
     ) -> Result<(), EngineError> {
         let me = self.device();
+        let my_account = self.log.account();
         let mut new_docs = Vec::new();
         // Logs to fetch: (account, from entry).
         let mut missing_logs: Vec<(AccountId, u32)> = Vec::new();
         let mut absorbed = false;
+        let mut removed = false;
         for update in updates {
             if update.group != group {
                 continue;
@@ -121,6 +123,8 @@ impl Worker {
                 self.forward_group_to_peers(&update, None);
             }
             let g = self.groups.entry(group).or_default();
+            let was_member = g.latest().is_some_and(|u| u.is_member(&my_account));
+            removed |= was_member && !update.is_member(&my_account);
             g.updates.push(update);
             absorbed = true;
             for m in members {
@@ -130,6 +134,9 @@ impl Worker {
             }
         }
         self.save_groups()?;
+        if removed {
+            self.on_removed(group)?;
+        }
         missing_logs.sort();
         missing_logs.dedup();
         for (account, from_seq) in missing_logs {
@@ -378,6 +385,46 @@ impl Worker {
         for update in again {
             self.publish_group(update, addr)?;
         }
+        Ok(())
+    }
+
+    /// This account was removed from `group`: the relays will never take an envelope of it from
+    /// this account, so the outbox rows of the group are dropped (stored at once) and reported
+    /// with the removal, rather than offered for ever.
+    fn on_removed(&mut self, group: DocId) -> Result<(), EngineError> {
+        let rows: Vec<i64> = self
+            .outbox
+            .iter()
+            .filter(|(_, it)| it.group == group)
+            .map(|(id, _)| *id)
+            .collect();
+        if !rows.is_empty() {
+            self.replica.store().write(|tx| {
+                for id in &rows {
+                    tx.ack_outbox(*id)?;
+                }
+                Ok(())
+            })?;
+            for id in &rows {
+                self.outbox.remove(id);
+            }
+        }
+        let conversation = match self.groups.get(&group).and_then(|g| g.addr) {
+            Some(DocAddr::Meta(c)) => Some(c),
+            _ => None,
+        };
+        tracing::info!(%group, dropped = rows.len(), "this account was removed from a group");
+        if let Some(conversation) = conversation {
+            self.emit(Event::RemovedFromConversation { conversation });
+            if !rows.is_empty() {
+                let envelopes = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+                self.emit(Event::NotDelivered {
+                    conversation,
+                    envelopes,
+                });
+            }
+        }
+        self.emit_status();
         Ok(())
     }
 

@@ -50,9 +50,20 @@ impl Worker {
         addrs: BTreeSet<DocAddr>,
     ) -> Result<Vec<Sealed>, EngineError> {
         let me = self.device();
+        let my_account = self.log.account();
         let mut sealed_now: Vec<Sealed> = Vec::new();
         for addr in addrs {
             let group = group_of(&addr);
+            let removed = self
+                .groups
+                .get(&group)
+                .and_then(|g| g.latest())
+                .is_some_and(|u| !u.is_member(&my_account));
+            if removed {
+                // No relay takes an envelope of a group this account was removed from; what is
+                // written there stays on this device.
+                continue;
+            }
             let vv = self.replica.version_vector(&addr)?;
             let own = vv.seq(&me);
             let done = self.sealed.get(&addr).copied().unwrap_or(0);

@@ -270,6 +270,10 @@ impl Worker {
         // Groups whose latest update this device signed and the relay has that version of:
         // fetched from it, in case the relay's is another device's (`on_group_updates`).
         let mut check: Vec<(DocId, u32)> = Vec::new();
+        // Groups this device holds as a member that the relay does not list for this account,
+        // with updates by others: the account may have been removed while this device was
+        // offline. Fetching from the held version brings the removal if so.
+        let mut unlisted: Vec<DocId> = Vec::new();
         for (id, g) in &self.groups {
             let still_member = g.latest().is_some_and(|u| u.is_member(&me));
             if g.addr.is_none() || !still_member {
@@ -297,6 +301,8 @@ impl Worker {
                         resigned.push(u);
                     }
                 }
+            } else if !relay_has.contains_key(id) {
+                unlisted.push(*id);
             }
         }
         for u in resigned {
@@ -317,6 +323,9 @@ impl Worker {
         self.save_groups()?;
         for (group, version) in check {
             self.fetch_group_from(relay, group, version);
+        }
+        for group in unlisted {
+            self.fetch_group(relay, group);
         }
         missing.sort_by_key(|u| u.version);
         for update in missing {
@@ -608,6 +617,22 @@ impl Worker {
                 // other relays, but stop offering it to this one.
                 if let Some(it) = self.outbox.get_mut(&outbox) {
                     it.acked |= 1u64 << relay.min(63);
+                }
+            }
+            Some(Pending::Append { outbox }) if code == ErrorCode::UNAUTHORISED => {
+                // Perhaps this account was removed from the group and the relay knows it: ask
+                // for the group's later updates (once at a time). If they remove it, the
+                // group's rows leave the outbox; if not (say the group has not reached the
+                // relay yet), the row is offered again later.
+                let group = self.outbox.get(&outbox).map(|it| it.group);
+                let asking = |group: DocId| {
+                    self.relays.get(relay).is_some_and(|r| {
+                        r.session
+                            .any_pending(|p| matches!(p, Pending::FetchGroup(g) if *g == group))
+                    })
+                };
+                if let Some(group) = group.filter(|g| self.groups.contains_key(g) && !asking(*g)) {
+                    self.fetch_group(relay, group);
                 }
             }
             Some(Pending::Fetch(doc)) => {

@@ -134,8 +134,10 @@ impl RelayCore {
         }
     }
 
-    /// `FetchGroup`: a member's view of the group's updates from `from_version`, in messages of
-    /// at most [`MAX_UPDATES_PER_MESSAGE`] updates and about [`TARGET_UPDATES_BYTES`], then `Done`.
+    /// `FetchGroup`: the group's updates from `from_version`, in messages of at most
+    /// [`MAX_UPDATES_PER_MESSAGE`] updates and about [`TARGET_UPDATES_BYTES`], then `Done`. A
+    /// member gets every update from there; a former member gets them up to the one that
+    /// removed it (see [`Self::fetchable_updates`]).
     pub(super) fn handle_fetch_group(
         &mut self,
         conn: ConnId,
@@ -145,12 +147,7 @@ impl RelayCore {
         out: &mut Vec<Output>,
     ) -> Result<(), RequestError> {
         let (_, account) = self.authenticated(conn, "FetchGroup")?;
-        self.check_member(&group, &account)?;
-        let updates = self
-            .groups
-            .get(&group)
-            .and_then(|c| c.updates.get(from_version as usize..))
-            .unwrap_or_default();
+        let updates = self.fetchable_updates(&group, &account, from_version)?;
         let mut chunk = Vec::new();
         let mut chunk_bytes = 0;
         for update in updates {
@@ -186,5 +183,45 @@ impl RelayCore {
             msg: Message::Done { req },
         });
         Ok(())
+    }
+
+    /// The updates of `group` from `from_version` that `account` may read. A current member
+    /// reads all of them. An account that is no longer a member but was one at the version
+    /// before `from_version` (or at version 0 when asking from 0) reads up to and including the
+    /// first update that no longer lists it, the one that removed it, and nothing after: that
+    /// is how a device removed while it was offline learns of its removal. Any other account
+    /// is refused, as a never-member always was.
+    fn fetchable_updates(
+        &self,
+        group: &DocId,
+        account: &AccountId,
+        from_version: u32,
+    ) -> Result<&[GroupUpdate], RequestError> {
+        let not_member = || RequestError::NotMember {
+            account: *account,
+            group: *group,
+        };
+        let from = from_version as usize;
+        if self.is_member(group, account) {
+            return Ok(self
+                .groups
+                .get(group)
+                .and_then(|c| c.updates.get(from..))
+                .unwrap_or_default());
+        }
+        let chain = self.groups.get(group).ok_or_else(not_member)?;
+        let held = chain
+            .updates
+            .get(from.saturating_sub(1))
+            .ok_or_else(not_member)?;
+        if !held.is_member(account) {
+            return Err(not_member());
+        }
+        // The latest update does not list the account, so a removal follows `held`.
+        let removal = chain.updates[from..]
+            .iter()
+            .position(|u| !u.is_member(account))
+            .map_or(chain.updates.len(), |i| from + i + 1);
+        Ok(&chain.updates[from..removal])
     }
 }

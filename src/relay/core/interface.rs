@@ -142,8 +142,10 @@ pub enum Output {
         /// The message.
         msg: Message,
     },
-    /// Send a push on the connection. May be dropped if the connection is slow: the device
-    /// notices the gap (`prev`, `first_seq`, group versions) and fetches.
+    /// Send a push on the connection. A connection too slow to take its pushes (its push
+    /// queue is full) is closed at once with `ErrorCode::LAGGED` instead: a dropped push that
+    /// nothing follows would leave the device behind without a gap to notice. The device
+    /// reconnects and catches up from its cursors.
     Push {
         /// The connection.
         conn: ConnId,

@@ -39,6 +39,9 @@ pub(super) struct Parts {
     pub alive: mpsc::Receiver<()>,
 }
 
+/// Close reason of a connection that fell behind its pushes.
+const LAGGED_REASON: &str = "lagged: the connection fell behind its pushes; reconnect and catch up";
+
 /// The task that owns the core.
 pub(super) struct Actor {
     core: RelayCore,
@@ -47,7 +50,8 @@ pub(super) struct Actor {
     started: Instant,
     pipeline: Option<mpsc::UnboundedSender<StoreOp>>,
     reads: JoinSet<()>,
-    dropped_pushes: u64,
+    /// Connections closed for falling behind their pushes (each counted once).
+    lagged: u64,
 }
 
 impl Actor {
@@ -59,7 +63,7 @@ impl Actor {
             started,
             pipeline: None,
             reads: JoinSet::new(),
-            dropped_pushes: 0,
+            lagged: 0,
         }
     }
 
@@ -108,7 +112,7 @@ impl Actor {
         tracing::info!(
             connections = self.conns.len(),
             stats = ?self.core.stats(),
-            dropped_pushes = self.dropped_pushes,
+            lagged_connections = self.lagged,
             "relay shutting down"
         );
         accept.abort();
@@ -212,11 +216,9 @@ impl Actor {
                     }
                 }
                 Output::Push { conn, msg } => {
-                    if let Some(tx) = self.conns.get(&conn) {
-                        if !tx.push(msg) {
-                            self.dropped_pushes += 1;
-                            tracing::debug!(conn = conn.0, "push dropped: the connection is slow");
-                        }
+                    let dropped = self.conns.get(&conn).is_some_and(|tx| !tx.push(msg));
+                    if dropped {
+                        self.close_lagged(conn);
                     }
                 }
                 Output::SendDatagram { conn, bytes } => {
@@ -271,6 +273,22 @@ impl Actor {
                 Output::Event(event) => log_event(&event),
             }
         }
+    }
+
+    /// Closes a connection whose push was dropped: a dropped push that nothing follows would
+    /// leave its device behind with no gap to notice, while a closed connection makes it
+    /// reconnect and catch up from its cursors. The connection is forgotten at once (its
+    /// reader still reports the disconnect to the core), so it is counted and logged once.
+    fn close_lagged(&mut self, conn: ConnId) {
+        let Some(tx) = self.conns.remove(&conn) else {
+            return;
+        };
+        self.lagged += 1;
+        tracing::info!(
+            conn = conn.0,
+            "the connection fell behind its pushes; closing it (the device catches up when it reconnects)"
+        );
+        tx.abort(ErrorCode::LAGGED, LAGGED_REASON);
     }
 
     fn send_to_pipeline(&mut self, op: StoreOp) {

@@ -48,8 +48,8 @@ enum WriterCmd {
 }
 
 /// The sending side of one connection: its answer queue (unbounded, never dropped, with
-/// backpressure on the connection's reader), its push queue (bounded, dropped when full) and
-/// the QUIC connection for datagrams.
+/// backpressure on the connection's reader), its push queue (bounded; a connection that
+/// overflows it is aborted) and the QUIC connection for datagrams and aborts.
 #[derive(Clone, Debug)]
 pub(super) struct ConnTx {
     answers: mpsc::UnboundedSender<WriterCmd>,
@@ -79,6 +79,17 @@ impl ConnTx {
     /// Closes the connection after what is queued.
     pub fn close(&self, code: ErrorCode, reason: String) {
         let _ = self.answers.send(WriterCmd::Close { code, reason });
+    }
+
+    /// Closes the QUIC connection at once, discarding what is queued or unsent. For a
+    /// connection that fell behind: its writer may be blocked by flow control, so a queued
+    /// close would never run.
+    pub fn abort(&self, code: ErrorCode, reason: &str) {
+        let reason = reason.as_bytes();
+        self.conn.close(
+            VarInt::from_u32(u32::from(code.0)),
+            &reason[..reason.len().min(MAX_CLOSE_REASON_BYTES)],
+        );
     }
 
     /// Waits while the connection has more than [`ANSWER_HIGH_WATERMARK`] answers queued.

@@ -417,6 +417,7 @@ fn group_create_update_and_membership() {
         Some(PersistOp::PutGroupUpdate { version: 1, .. })
     ));
     assert_eq!(fx.core.connection(b).unwrap().subscriptions, 0);
+    // As a former member, Bob reads up to his removal.
     let out = fx.msg(
         b,
         Message::FetchGroup {
@@ -425,7 +426,17 @@ fn group_create_update_and_membership() {
             from_version: 0,
         },
     );
-    assert_eq!(error_to(&out, b).0, ErrorCode::UNAUTHORISED);
+    assert_eq!(
+        messages_to(&out, b),
+        vec![
+            Message::GroupUpdates {
+                req: 10,
+                group: group_id(1),
+                updates: vec![v0.clone(), v1.clone()],
+            },
+            Message::Done { req: 10 },
+        ]
+    );
     assert!(matches!(fx.hello(b, bob.id()), Message::HelloOk { groups, .. } if groups.is_empty()));
     let out = fx.msg(
         c,
@@ -446,6 +457,76 @@ fn group_create_update_and_membership() {
             Message::Done { req: 11 },
         ]
     );
+}
+
+/// A member removed while offline learns of it: `FetchGroup` from the version it holds answers
+/// the updates up to and including its removal, nothing after; from a version it was not a
+/// member at, or for an account never a member, it is refused.
+#[test]
+fn a_removed_member_fetches_up_to_its_removal_and_no_further() {
+    let mut fx = Fx::new();
+    let alice = Account::new(1);
+    let bob = Account::new(2);
+    let carol = Account::new(3);
+    let dave = Account::new(4);
+    let a = fx.join(&alice, 0);
+    let b = fx.join(&bob, 0);
+    let c = fx.join(&carol, 0);
+    let d = fx.join(&dave, 0);
+    let members = [
+        vec![alice.id(), bob.id()],
+        vec![alice.id(), bob.id(), carol.id()],
+        vec![alice.id(), carol.id()],
+        vec![alice.id()],
+    ];
+    let updates: Vec<GroupUpdate> = members
+        .iter()
+        .enumerate()
+        .map(|(v, m)| group_update(&alice.devices[0], alice.id(), 1, v as u32, m.clone()))
+        .collect();
+    for update in &updates {
+        fx.post_group(a, update.clone());
+    }
+    let fetch = |fx: &mut Fx, conn, from_version| {
+        let req = fx.req();
+        let out = fx.msg(
+            conn,
+            Message::FetchGroup {
+                req,
+                group: group_id(1),
+                from_version,
+            },
+        );
+        if let Some(Message::Error { code, .. }) = messages_to(&out, conn).first() {
+            return Err(*code);
+        }
+        let mut got = Vec::new();
+        for msg in messages_to(&out, conn) {
+            match msg {
+                Message::GroupUpdates { updates, .. } => got.extend(updates),
+                Message::Done { req: r } => assert_eq!(r, req),
+                other => panic!("{other:?}"),
+            }
+        }
+        Ok(got)
+    };
+    // Bob, removed at version 2, holding version 0 or 1: up to version 2.
+    assert_eq!(fetch(&mut fx, b, 1), Ok(updates[1..3].to_vec()));
+    assert_eq!(fetch(&mut fx, b, 2), Ok(updates[2..3].to_vec()));
+    assert_eq!(fetch(&mut fx, b, 0), Ok(updates[0..3].to_vec()));
+    // Holding his removal already, or asking past it: nothing more.
+    assert_eq!(fetch(&mut fx, b, 3), Err(ErrorCode::UNAUTHORISED));
+    assert_eq!(fetch(&mut fx, b, 9), Err(ErrorCode::UNAUTHORISED));
+    // Carol, added at 1 and removed at 3: not from version 0 or 1 (she was not a member at
+    // version 0), from 2 up to her removal.
+    assert_eq!(fetch(&mut fx, c, 0), Err(ErrorCode::UNAUTHORISED));
+    assert_eq!(fetch(&mut fx, c, 1), Err(ErrorCode::UNAUTHORISED));
+    assert_eq!(fetch(&mut fx, c, 2), Ok(updates[2..4].to_vec()));
+    // Dave never was a member.
+    assert_eq!(fetch(&mut fx, d, 0), Err(ErrorCode::UNAUTHORISED));
+    assert_eq!(fetch(&mut fx, d, 3), Err(ErrorCode::UNAUTHORISED));
+    // Alice, a member, reads everything.
+    assert_eq!(fetch(&mut fx, a, 0), Ok(updates.clone()));
 }
 
 #[test]
