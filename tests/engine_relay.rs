@@ -230,6 +230,58 @@ async fn a_member_removed_while_offline_is_told_and_its_offline_writes_are_not_d
     relay.shutdown().await;
 }
 
+/// B creates a conversation with A while offline, with a copy of A's device log from before A
+/// linked a second device, so the group's key is wrapped to A's first device only. Once B
+/// uploads it, A's first device (the new one's keeper) wraps the key to the second, which then
+/// reads the conversation; before that fix it never could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_linked_after_a_member_fetched_the_log_still_gets_the_conversation_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(dir.path()).await;
+    let addr = relay.addr();
+    let a1 = account(dir.path(), "a1", &addr).await;
+    let b = account(dir.path(), "b", &addr).await;
+    // B learns A's log (one device) through a first conversation.
+    let first = b
+        .create_conversation("first", &[a1.account()])
+        .await
+        .unwrap();
+    until_listed(&a1, &first).await;
+    b.shutdown().await;
+    let a2 = linked(dir.path(), "a2", &addr, &a1).await;
+    until_listed(&a2, &first).await;
+    // B, offline, creates a second conversation with its old copy of A's log.
+    let nowhere = PeerAddr {
+        port: free_port(),
+        ..addr.clone()
+    };
+    let b = Engine::open(config(dir.path(), "b", &nowhere))
+        .await
+        .unwrap();
+    let second = b
+        .create_conversation("second", &[a1.account()])
+        .await
+        .unwrap();
+    let hello = b
+        .send(&second, "written before B knew of a2")
+        .await
+        .unwrap();
+    b.shutdown().await;
+    let b = Engine::open(config(dir.path(), "b", &addr)).await.unwrap();
+    until_uploaded(&b).await;
+    until_history(&a1, &second, 1).await;
+    until_history(&a2, &second, 1).await;
+    assert!(all_ids(&a2, &second).await.contains(&hello));
+    // And a2 reads what is written afterwards.
+    let later = b.send(&second, "and later").await.unwrap();
+    until_history(&a2, &second, 2).await;
+    assert!(all_ids(&a2, &second).await.contains(&later));
+    for e in [a1, a2, b] {
+        e.shutdown().await;
+    }
+    relay.shutdown().await;
+}
+
 /// A relay-node process on a fixed port, so a restart keeps the address.
 struct Node {
     child: Child,

@@ -19,6 +19,8 @@ enum OpenError {
     NotYet(String),
     /// Refused for good.
     Refused(String),
+    /// Its key's epoch is wrapped to other devices of the group, not yet to this one.
+    AwaitsRewrap,
 }
 
 impl Device {
@@ -596,6 +598,8 @@ impl Device {
                 Ok(Some(batch)) => batches.push(batch),
                 Ok(None) => {}
                 Err(OpenError::NotYet(_)) if attempts < MAX_BLOCKED_RETRIES => not_yet = true,
+                // A key the chain wraps to other devices: waits for its keeper, as the engine.
+                Err(OpenError::AwaitsRewrap) => not_yet = true,
                 Err(OpenError::NotYet(e) | OpenError::Refused(e)) => {
                     self.refused.push(format!("envelope: {e}"))
                 }
@@ -698,6 +702,15 @@ impl Device {
         let opened = env
             .open(&addr.doc_id(), &keys, may_write)
             .map_err(|e| match e {
+                EnvelopeError::MissingKey { epoch, .. }
+                    if self.groups.get(&group).is_some_and(|g| {
+                        g.updates
+                            .iter()
+                            .any(|u| u.keys.iter().any(|k| k.doc == group && k.epoch == epoch))
+                    }) =>
+                {
+                    OpenError::AwaitsRewrap
+                }
                 EnvelopeError::NotAuthorised { .. } | EnvelopeError::MissingKey { .. } => {
                     OpenError::NotYet(e.to_string())
                 }

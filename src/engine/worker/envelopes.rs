@@ -89,7 +89,11 @@ impl Worker {
                         batches.push(batch)
                     }
                     Ok(None) => {}
-                    Err(e) if is_not_yet(&e) && attempts < MAX_BLOCKED_RETRIES => {
+                    Err(e)
+                        if is_not_yet(&e)
+                            && (attempts < MAX_BLOCKED_RETRIES
+                                || self.awaits_rewrap(&addr, &e)) =>
+                    {
                         tracing::debug!(?addr, error = %e, "envelope waits for a log or a key");
                         not_yet = true;
                     }
@@ -345,6 +349,26 @@ impl Worker {
         }
         self.subscribe_everywhere(&new);
         Ok(())
+    }
+}
+
+impl Worker {
+    /// Whether `e` is a key missing for an epoch the group's chain wraps to other devices: a
+    /// keeper wraps it to this device too (`crypto::group::missing_wraps`), so the envelope
+    /// waits for it however long that takes, rather than being refused after a few attempts.
+    fn awaits_rewrap(&self, addr: &DocAddr, e: &EngineError) -> bool {
+        let EngineError::Envelope(crate::crypto::envelope::EnvelopeError::MissingKey {
+            epoch, ..
+        }) = e
+        else {
+            return false;
+        };
+        let group = group_of(addr);
+        self.groups.get(&group).is_some_and(|g| {
+            g.updates
+                .iter()
+                .any(|u| u.keys.iter().any(|k| k.doc == group && k.epoch == *epoch))
+        })
     }
 }
 
