@@ -573,25 +573,39 @@ mod tests {
     }
 }
 
-/// The device that wraps a group's keys to `device` (of `log`'s account) when the group's
-/// chain misses it, as seen from `logs`, the logs of the group's member accounts:
-/// - the device that added it to the log, while current;
-/// - otherwise the current device of its account with the smallest id;
-/// - otherwise (it is the account's only device) the current device of another member account
-///   with the smallest id.
+/// The device that wraps key epoch `epoch` of `group` to `device` (of `log`'s account) when no
+/// update of `chain` does, as seen from `logs`, the logs of the group's member accounts. It is
+/// chosen among the current devices the chain shows holding that epoch's key (wrapped to them):
+/// - the device that added `device` to its log;
+/// - otherwise the one of `device`'s account with the smallest id;
+/// - otherwise the one of another member account with the smallest id.
 ///
 /// One device answers for each, so that devices do not race to do it (a race is resolved by
-/// the relay taking one update of a version).
-pub fn key_keeper(logs: &[&DeviceLog], log: &DeviceLog, device: &DeviceId) -> Option<DeviceId> {
+/// the relay taking one update of a version), and it is one that holds the key.
+pub fn key_keeper(
+    logs: &[&DeviceLog],
+    chain: &[GroupUpdate],
+    group: DocId,
+    epoch: KeyEpoch,
+    log: &DeviceLog,
+    device: &DeviceId,
+) -> Option<DeviceId> {
     let record = log.device(device)?;
+    let holds = |d: &DeviceId| {
+        chain.iter().any(|u| {
+            u.keys
+                .iter()
+                .any(|k| k.recipient == *d && k.doc == group && k.epoch == epoch)
+        })
+    };
     let inviter = log
         .entries()
         .get(record.added_at as usize)
         .map(|e| e.signer)
-        .filter(|s| s != device && log.is_current(s));
+        .filter(|s| s != device && log.is_current(s) && holds(s));
     let smallest = |logs: &mut dyn Iterator<Item = &DeviceLog>| {
         logs.flat_map(|l| l.current_devices().map(|r| r.info.keys.device))
-            .filter(|d| d != device)
+            .filter(|d| d != device && holds(d))
             .min()
     };
     inviter
@@ -607,8 +621,8 @@ pub fn key_keeper(logs: &[&DeviceLog], log: &DeviceLog, device: &DeviceId) -> Op
 }
 
 /// Keys of `group` for `me` (holding `keys`, the group's epochs and keys) to wrap again: for
-/// each current device of the member accounts' `logs` that `me` is the [`key_keeper`] of, each
-/// epoch no update of `chain` wraps to it.
+/// each current device of the member accounts' `logs` and each epoch no update of `chain`
+/// wraps to it, the key if `me` is that epoch's [`key_keeper`] for the device.
 ///
 /// A member that signs an update with a copy of an account's log older than a link leaves the
 /// new device without that key, and pairing hands over only the keys the inviter held then.
@@ -626,7 +640,7 @@ pub fn missing_wraps(
     for log in logs {
         for record in log.current_devices() {
             let device = record.info.keys.device;
-            if device == *me || key_keeper(logs, log, &device) != Some(*me) {
+            if device == *me {
                 continue;
             }
             for (epoch, key) in keys {
@@ -635,7 +649,7 @@ pub fn missing_wraps(
                         .iter()
                         .any(|k| k.recipient == device && k.doc == group && k.epoch == *epoch)
                 });
-                if !covered {
+                if !covered && key_keeper(logs, chain, group, *epoch, log, &device) == Some(*me) {
                     wrapped.push(WrappedKey::wrap(
                         key,
                         group,

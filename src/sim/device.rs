@@ -600,18 +600,17 @@ impl Device {
     }
 
     /// Whether nothing is left to do with the relay: live, nothing open, nothing to send.
+    /// Documents whose envelopes wait for a log or a key, with the attempts so far.
+    pub fn blocked_docs(&self) -> Vec<(DocId, u32)> {
+        self.blocked.iter().map(|(d, n)| (*d, *n)).collect()
+    }
+
     pub fn settled(&self) -> bool {
         self.link.is_some()
             && self.stage == Stage::Live
             && self.session.open_requests() == 0
-            // Appends to the account's own group while the relay does not list it wait: when
-            // the device that made the account was revoked before it posted that group, no
-            // other device can post it (see docs/TESTING.md, finding 7). Every other append
-            // must be taken or, for a removed member, dropped.
-            && self.outbox.values().all(|o| {
-                o.group == DocAddr::Account(self.account()).doc_id()
-                    && !self.relay_groups.contains(&o.group)
-            })
+            // Every append must be taken or, for a removed member, dropped.
+            && self.outbox.is_empty()
             && self.blocked.is_empty()
             && self.out.is_empty()
     }
@@ -704,6 +703,13 @@ impl Device {
     pub(super) fn on_removed(&mut self, group: DocId) {
         self.outbox.retain(|_, o| o.group != group);
         self.deferred.retain(|id, _| self.outbox.contains_key(id));
+        // As in the engine: nothing waits for envelopes this device can no longer open.
+        let blocked: Vec<DocId> = self.blocked.keys().copied().collect();
+        for d in blocked {
+            if self.addr_of(&d).is_some_and(|a| group_of(&a) == group) {
+                self.blocked.remove(&d);
+            }
+        }
     }
 
     pub(super) fn post_group(&mut self, update: GroupUpdate) {

@@ -149,6 +149,8 @@ struct World {
     violations: Vec<String>,
     /// Print every delivered message (`SIM_TRACE=1`), for debugging a replay.
     verbose: bool,
+    /// In the chaos phase: faults, including dropped pushes, happen only then.
+    chaos: bool,
 }
 
 /// A one-line summary of a message, for `SIM_TRACE`.
@@ -300,12 +302,14 @@ impl World {
             revoked: BTreeMap::new(),
             violations: Vec::new(),
             verbose: std::env::var_os("SIM_TRACE").is_some(),
+            chaos: true,
         }
     }
 
     /// One step of virtual time.
     fn step(&mut self, chaos: bool) -> Result<(), String> {
         self.now += STEP_MS;
+        self.chaos = chaos;
         self.deliver_up();
         if self.rng.chance(700) {
             let net = self.relay.commit(self.now, &mut self.rng);
@@ -371,12 +375,13 @@ impl World {
             .filter(|d| self.is_live_device(d.idx) && !d.settled())
             .map(|d| {
                 format!(
-                    "device {}: link {:?} stage {:?} open {} outbox {} ",
+                    "device {}: link {:?} stage {:?} open {} outbox {} blocked {:?}",
                     d.idx,
                     d.link,
                     d.stage,
                     d.session.open_requests(),
-                    d.outbox.len()
+                    d.outbox.len(),
+                    d.blocked_docs()
                 )
             })
             .collect();
@@ -465,6 +470,7 @@ impl World {
                     // dropped and the connection closed at once (`LAGGED`), losing what was in
                     // flight; the device reconnects and catches up from its cursors.
                     if push
+                        && self.chaos
                         && self.links.contains_key(&conn.0)
                         && self.rng.chance(self.cfg.push_drop_per_mille)
                     {

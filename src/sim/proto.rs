@@ -704,9 +704,10 @@ impl Device {
             .map_err(|e| match e {
                 EnvelopeError::MissingKey { epoch, .. }
                     if self.groups.get(&group).is_some_and(|g| {
-                        g.updates
-                            .iter()
-                            .any(|u| u.keys.iter().any(|k| k.doc == group && k.epoch == epoch))
+                        g.latest().is_some_and(|u| u.is_member(&self.account()))
+                            && g.updates
+                                .iter()
+                                .any(|u| u.keys.iter().any(|k| k.doc == group && k.epoch == epoch))
                     }) =>
                 {
                     OpenError::AwaitsRewrap

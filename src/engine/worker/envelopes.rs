@@ -353,8 +353,8 @@ impl Worker {
 }
 
 impl Worker {
-    /// Whether `e` is a key missing for an epoch the group's chain wraps to other devices: a
-    /// keeper wraps it to this device too (`crypto::group::missing_wraps`), so the envelope
+    /// Whether `e` is a key missing for an epoch the group's chain wraps to other devices while
+    /// this account is a member: a keeper wraps it to this device too (`crypto::group::missing_wraps`), so the envelope
     /// waits for it however long that takes, rather than being refused after a few attempts.
     fn awaits_rewrap(&self, addr: &DocAddr, e: &EngineError) -> bool {
         let EngineError::Envelope(crate::crypto::envelope::EnvelopeError::MissingKey {
@@ -364,10 +364,12 @@ impl Worker {
             return false;
         };
         let group = group_of(addr);
+        let account = self.account();
         self.groups.get(&group).is_some_and(|g| {
-            g.updates
-                .iter()
-                .any(|u| u.keys.iter().any(|k| k.doc == group && k.epoch == *epoch))
+            g.latest().is_some_and(|u| u.is_member(&account))
+                && g.updates
+                    .iter()
+                    .any(|u| u.keys.iter().any(|k| k.doc == group && k.epoch == *epoch))
         })
     }
 }

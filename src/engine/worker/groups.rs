@@ -409,6 +409,10 @@ impl Worker {
                 self.outbox.remove(id);
             }
         }
+        // Envelopes written after the removal can never be opened here: nothing waits for them.
+        let docs = &self.docs;
+        self.blocked
+            .retain(|d, _| docs.get(d).is_none_or(|a| group_of(a) != group));
         let conversation = match self.groups.get(&group).and_then(|g| g.addr) {
             Some(DocAddr::Meta(c)) => Some(c),
             _ => None,
