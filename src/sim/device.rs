@@ -706,7 +706,7 @@ impl Device {
         // As in the engine: nothing waits for envelopes this device can no longer open.
         let blocked: Vec<DocId> = self.blocked.keys().copied().collect();
         for d in blocked {
-            if self.addr_of(&d).is_some_and(|a| group_of(&a) == group) {
+            if self.addr_of(&d).is_none_or(|a| group_of(&a) == group) {
                 self.blocked.remove(&d);
             }
         }

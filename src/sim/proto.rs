@@ -21,6 +21,8 @@ enum OpenError {
     Refused(String),
     /// Its key's epoch is wrapped to other devices of the group, not yet to this one.
     AwaitsRewrap,
+    /// Sealed under a key made after this account's removal.
+    AfterRemoval,
 }
 
 impl Device {
@@ -600,6 +602,7 @@ impl Device {
                 Err(OpenError::NotYet(_)) if attempts < MAX_BLOCKED_RETRIES => not_yet = true,
                 // A key the chain wraps to other devices: waits for its keeper, as the engine.
                 Err(OpenError::AwaitsRewrap) => not_yet = true,
+                Err(OpenError::AfterRemoval) => {}
                 Err(OpenError::NotYet(e) | OpenError::Refused(e)) => {
                     self.refused.push(format!("envelope: {e}"))
                 }
@@ -711,6 +714,17 @@ impl Device {
                     }) =>
                 {
                     OpenError::AwaitsRewrap
+                }
+                // Written after this account's removal: never readable here, nothing to wait
+                // for (as in the engine).
+                EnvelopeError::MissingKey { .. }
+                    if self
+                        .groups
+                        .get(&group)
+                        .and_then(|g| g.latest())
+                        .is_some_and(|u| !u.is_member(&self.account())) =>
+                {
+                    OpenError::AfterRemoval
                 }
                 EnvelopeError::NotAuthorised { .. } | EnvelopeError::MissingKey { .. } => {
                     OpenError::NotYet(e.to_string())

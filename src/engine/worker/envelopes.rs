@@ -89,6 +89,9 @@ impl Worker {
                         batches.push(batch)
                     }
                     Ok(None) => {}
+                    // Sealed under a key made after this account's removal: never readable
+                    // here, and nothing to wait for.
+                    Err(e) if self.after_removal(&addr, &e) => {}
                     Err(e)
                         if is_not_yet(&e)
                             && (attempts < MAX_BLOCKED_RETRIES
@@ -353,6 +356,19 @@ impl Worker {
 }
 
 impl Worker {
+    /// Whether `e` is a missing key of a group this account is no longer a member of.
+    fn after_removal(&self, addr: &DocAddr, e: &EngineError) -> bool {
+        let account = self.account();
+        matches!(
+            e,
+            EngineError::Envelope(crate::crypto::envelope::EnvelopeError::MissingKey { .. })
+        ) && self
+            .groups
+            .get(&group_of(addr))
+            .and_then(|g| g.latest())
+            .is_some_and(|u| !u.is_member(&account))
+    }
+
     /// Whether `e` is a key missing for an epoch the group's chain wraps to other devices while
     /// this account is a member: a keeper wraps it to this device too (`crypto::group::missing_wraps`), so the envelope
     /// waits for it however long that takes, rather than being refused after a few attempts.
