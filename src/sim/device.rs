@@ -134,6 +134,9 @@ pub(crate) struct Device {
     /// Membership changes refused for a race, made again once the chain is fetched (memory
     /// only, as in the engine).
     pub rebase: BTreeMap<DocId, Vec<GroupUpdate>>,
+    /// Updates posted only to wrap keys again, and membership changes made again, counted.
+    pub rewraps_posted: u64,
+    pub rebased: u64,
 }
 
 /// The group whose key seals `addr`: a segment belongs to its conversation's meta document.
@@ -211,6 +214,8 @@ impl Device {
             logs_refetched: BTreeSet::new(),
             rewraps: BTreeMap::new(),
             rebase: BTreeMap::new(),
+            rewraps_posted: 0,
+            rebased: 0,
         };
         d.commit();
         d

@@ -102,6 +102,10 @@ pub(crate) struct Stats {
     pub pushes_dropped: u64,
     pub links: u64,
     pub revokes: u64,
+    /// Group updates posted only to wrap keys again.
+    pub rewraps: u64,
+    /// Membership changes made again after losing their version.
+    pub rebased: u64,
     pub heal_steps: u64,
 }
 
@@ -197,6 +201,8 @@ pub(crate) fn run(seed: u64, cfg: &Config) -> Result<Report, String> {
         return Err(v.clone());
     }
     check::after_run(&w)?;
+    w.stats.rewraps = w.devices.iter().map(|d| d.rewraps_posted).sum();
+    w.stats.rebased = w.devices.iter().map(|d| d.rebased).sum();
     Ok(Report {
         trace: *w.trace.finalize().as_bytes(),
         stats: w.stats.clone(),

@@ -463,6 +463,7 @@ impl Device {
         )
         .expect("a valid update");
         let version = update.version;
+        self.rewraps_posted += 1;
         self.rewraps.insert((group, version), update.clone());
         // Not `post_group`: the relay may not hold the group (it is known once it confirms).
         let req = self.session.request(Pending::PostGroup { group, version });
@@ -540,6 +541,7 @@ impl Device {
         )
         .expect("member devices' keys verify");
         for update in again {
+            self.rebased += 1;
             self.publish_group(update, addr);
         }
     }
