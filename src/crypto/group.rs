@@ -438,141 +438,6 @@ impl GroupUpdate {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::crypto::device_log::DeviceLog;
-    use crate::crypto::keys::Keyring;
-    use crate::ids::ConversationId;
-
-    struct Fixture {
-        rng: SeedRng,
-        alice: DeviceSecret,
-        alice_log: DeviceLog,
-        bob: DeviceSecret,
-        bob_log: DeviceLog,
-    }
-
-    fn fixture() -> Fixture {
-        let mut rng = SeedRng::from_seed([4; 32]);
-        let alice = DeviceSecret::generate(&mut rng);
-        let bob = DeviceSecret::generate(&mut rng);
-        let alice_log = DeviceLog::create(&alice, "a", "test").unwrap();
-        let bob_log = DeviceLog::create(&bob, "b", "test").unwrap();
-        Fixture {
-            rng,
-            alice,
-            alice_log,
-            bob,
-            bob_log,
-        }
-    }
-
-    fn create(f: &mut Fixture, keyring: &mut Keyring) -> (DocAddr, GroupUpdate) {
-        let addr = DocAddr::Meta(ConversationId::from_bytes([7; 16]));
-        let group = addr.doc_id();
-        let (epoch, wrapped) = keyring
-            .rotate(group, &[f.alice.public(), f.bob.public()], &mut f.rng)
-            .unwrap();
-        let label = SealedLabel::seal(
-            &addr,
-            epoch,
-            keyring.key(&group, epoch).unwrap(),
-            &mut f.rng,
-        );
-        let update = GroupUpdate::sign(
-            &f.alice,
-            f.alice_log.account(),
-            group,
-            0,
-            vec![f.bob_log.account(), f.alice_log.account()],
-            wrapped,
-            label,
-        )
-        .unwrap();
-        (addr, update)
-    }
-
-    #[test]
-    fn a_member_opens_keys_and_label() {
-        let mut f = fixture();
-        let mut keyring = Keyring::default();
-        let (addr, update) = create(&mut f, &mut keyring);
-        let decoded = GroupUpdate::decode(&update.encode()).unwrap();
-        assert_eq!(decoded, update);
-        decoded.verify_signature().unwrap();
-        decoded.check_follows(None).unwrap();
-        let mut bobs = Keyring::default();
-        for k in decoded.keys_for(&f.bob.device_id()) {
-            bobs.absorb(k, &f.bob).unwrap();
-        }
-        assert_eq!(decoded.open_label(&bobs).unwrap(), addr);
-        assert!(decoded.is_member(&f.bob_log.account()));
-    }
-
-    #[test]
-    fn tampering_and_wrong_chains_are_refused() {
-        let mut f = fixture();
-        let mut keyring = Keyring::default();
-        let (_, update) = create(&mut f, &mut keyring);
-        let mut forged = update.clone();
-        forged.members.pop();
-        assert!(matches!(
-            forged.verify_signature(),
-            Err(GroupError::BadSignature(_))
-        ));
-        let mut skip = update.clone();
-        skip.version = 2;
-        assert!(matches!(
-            skip.check_follows(Some(&update)),
-            Err(GroupError::OutOfOrder { expected: 1, .. })
-        ));
-        // A stranger cannot create a group it is not in, nor change one.
-        let stranger = DeviceSecret::generate(&mut f.rng);
-        let stranger_log = DeviceLog::create(&stranger, "s", "test").unwrap();
-        let next = GroupUpdate::sign(
-            &stranger,
-            stranger_log.account(),
-            update.group,
-            1,
-            vec![stranger_log.account()],
-            vec![],
-            update.label.clone(),
-        )
-        .unwrap();
-        assert!(matches!(
-            next.check_follows(Some(&update)),
-            Err(GroupError::NotMember { .. })
-        ));
-        // A label copied from another group does not open.
-        let other = DocAddr::Meta(ConversationId::from_bytes([8; 16])).doc_id();
-        let mut moved = update.clone();
-        moved.group = other;
-        moved.keys.clear();
-        assert!(matches!(
-            moved.open_label(&keyring),
-            Err(GroupError::MissingLabelKey { .. })
-        ));
-    }
-
-    #[test]
-    fn garbage_never_panics() {
-        let mut f = fixture();
-        let mut keyring = Keyring::default();
-        let (_, update) = create(&mut f, &mut keyring);
-        let bytes = update.encode();
-        for cut in 0..bytes.len() {
-            assert!(GroupUpdate::decode(&bytes[..cut]).is_err());
-        }
-        let mut bad = bytes.clone();
-        bad[0] = 9;
-        assert!(matches!(
-            GroupUpdate::decode(&bad),
-            Err(GroupError::UnsupportedVersion { version: 9 })
-        ));
-    }
-}
-
 /// The device that wraps key epoch `epoch` of `group` to `device` (of `log`'s account) when no
 /// update of `chain` does, as seen from `logs`, the logs of the group's member accounts. It is
 /// chosen among the current devices the chain shows holding that epoch's key (wrapped to them):
@@ -765,4 +630,300 @@ pub fn rebase_changes(
         out.push(update);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::device_log::DeviceLog;
+    use crate::crypto::keys::Keyring;
+    use crate::ids::ConversationId;
+
+    struct Fixture {
+        rng: SeedRng,
+        alice: DeviceSecret,
+        alice_log: DeviceLog,
+        bob: DeviceSecret,
+        bob_log: DeviceLog,
+    }
+
+    fn fixture() -> Fixture {
+        let mut rng = SeedRng::from_seed([4; 32]);
+        let alice = DeviceSecret::generate(&mut rng);
+        let bob = DeviceSecret::generate(&mut rng);
+        let alice_log = DeviceLog::create(&alice, "a", "test").unwrap();
+        let bob_log = DeviceLog::create(&bob, "b", "test").unwrap();
+        Fixture {
+            rng,
+            alice,
+            alice_log,
+            bob,
+            bob_log,
+        }
+    }
+
+    fn create(f: &mut Fixture, keyring: &mut Keyring) -> (DocAddr, GroupUpdate) {
+        let addr = DocAddr::Meta(ConversationId::from_bytes([7; 16]));
+        let group = addr.doc_id();
+        let (epoch, wrapped) = keyring
+            .rotate(group, &[f.alice.public(), f.bob.public()], &mut f.rng)
+            .unwrap();
+        let label = SealedLabel::seal(
+            &addr,
+            epoch,
+            keyring.key(&group, epoch).unwrap(),
+            &mut f.rng,
+        );
+        let update = GroupUpdate::sign(
+            &f.alice,
+            f.alice_log.account(),
+            group,
+            0,
+            vec![f.bob_log.account(), f.alice_log.account()],
+            wrapped,
+            label,
+        )
+        .unwrap();
+        (addr, update)
+    }
+
+    /// Bob links a second device after Alice made the group from his one-device log: only
+    /// Bob's first device (its inviter, holding the key) wraps the key to it, once.
+    #[test]
+    fn the_keeper_wraps_a_key_the_chain_misses_and_only_once() {
+        let mut f = fixture();
+        let mut keyring = Keyring::default();
+        let (_, v0) = create(&mut f, &mut keyring);
+        let group = v0.group;
+        let bob2 = DeviceSecret::generate(&mut f.rng);
+        let mut bob_log = f.bob_log.clone();
+        let entry = bob_log
+            .add_device(&f.bob, bob2.public(), "b2", "test")
+            .unwrap();
+        bob_log.append(entry).unwrap();
+        let keys: Vec<(KeyEpoch, DocKey)> =
+            keyring.iter().map(|(_, e, k)| (e, k.clone())).collect();
+        let logs = [&f.alice_log, &bob_log];
+        let chain = vec![v0.clone()];
+        let b2 = bob2.device_id();
+        let epoch = keys[0].0;
+        assert_eq!(
+            key_keeper(&logs, &chain, group, epoch, &bob_log, &b2),
+            Some(f.bob.device_id())
+        );
+        // Alice holds the key too, but she is not the keeper while Bob's first device is.
+        let by_alice = missing_wraps(
+            &chain,
+            group,
+            &logs,
+            &f.alice.device_id(),
+            &keys,
+            &mut f.rng,
+        )
+        .unwrap();
+        assert!(by_alice.is_empty());
+        let by_bob =
+            missing_wraps(&chain, group, &logs, &f.bob.device_id(), &keys, &mut f.rng).unwrap();
+        assert_eq!(by_bob.len(), 1);
+        assert_eq!(by_bob[0].recipient, b2);
+        let v1 = GroupUpdate::sign(
+            &f.bob,
+            bob_log.account(),
+            group,
+            1,
+            v0.members.clone(),
+            by_bob,
+            v0.label.clone(),
+        )
+        .unwrap();
+        v1.check_follows(Some(&v0)).unwrap();
+        let mut theirs = Keyring::default();
+        for k in v1.keys_for(&b2) {
+            theirs.absorb(k, &bob2).unwrap();
+        }
+        assert_eq!(theirs.key(&group, epoch), keyring.key(&group, epoch));
+        // Covered now: nothing more to wrap.
+        let chain = vec![v0, v1];
+        let again =
+            missing_wraps(&chain, group, &logs, &f.bob.device_id(), &keys, &mut f.rng).unwrap();
+        assert!(again.is_empty());
+        // With Bob's first device revoked, the keeper is Alice (the account has no other
+        // holder).
+        let revoke = bob_log.revoke_device(&bob2, f.bob.device_id()).unwrap();
+        bob_log.append(revoke).unwrap();
+        let logs = [&f.alice_log, &bob_log];
+        let chain = &chain[..1];
+        assert_eq!(
+            key_keeper(&logs, chain, group, epoch, &bob_log, &b2),
+            Some(f.alice.device_id())
+        );
+    }
+
+    /// Alice removed Carol while Bob's device added Dave at the same version; Alice's change,
+    /// refused, is made again on Bob's: Dave stays, Carol goes, a new epoch reaches Dave.
+    #[test]
+    fn a_refused_change_is_made_again_on_the_winning_chain() {
+        let mut f = fixture();
+        let mut keyring = Keyring::default();
+        let carol = DeviceSecret::generate(&mut f.rng);
+        let carol_log = DeviceLog::create(&carol, "c", "test").unwrap();
+        let dave = DeviceSecret::generate(&mut f.rng);
+        let dave_log = DeviceLog::create(&dave, "d", "test").unwrap();
+        let (_, mut v0) = create(&mut f, &mut keyring);
+        let group = v0.group;
+        let (a, b, c, d) = (
+            f.alice_log.account(),
+            f.bob_log.account(),
+            carol_log.account(),
+            dave_log.account(),
+        );
+        v0 = GroupUpdate::sign(
+            &f.alice,
+            a,
+            group,
+            0,
+            vec![a, b, c],
+            v0.keys.clone(),
+            v0.label.clone(),
+        )
+        .unwrap();
+        // Bob's winning v1 adds Dave.
+        let bobs_v1 = GroupUpdate::sign(
+            &f.bob,
+            b,
+            group,
+            1,
+            vec![a, b, c, d],
+            Vec::new(),
+            v0.label.clone(),
+        )
+        .unwrap();
+        // Alice's refused v1 removes Carol and starts epoch 1.
+        let (epoch1, wrapped) = keyring
+            .rotate(group, &[f.alice.public(), f.bob.public()], &mut f.rng)
+            .unwrap();
+        let alices_v1 =
+            GroupUpdate::sign(&f.alice, a, group, 1, vec![a, b], wrapped, v0.label.clone())
+                .unwrap();
+        let keys: Vec<(KeyEpoch, DocKey)> =
+            keyring.iter().map(|(_, e, k)| (e, k.clone())).collect();
+        let devices = std::collections::BTreeMap::from([
+            (a, vec![f.alice.public()]),
+            (b, vec![f.bob.public()]),
+            (c, vec![carol.public()]),
+            (d, vec![dave.public()]),
+        ]);
+        let chain = vec![v0.clone(), bobs_v1.clone()];
+        let again = rebase_changes(
+            &[alices_v1],
+            &chain,
+            &f.alice,
+            a,
+            &keys,
+            &devices,
+            &mut f.rng,
+        )
+        .unwrap();
+        assert_eq!(again.len(), 1);
+        let v2 = &again[0];
+        v2.check_follows(Some(&bobs_v1)).unwrap();
+        assert_eq!(v2.version, 2);
+        let mut want = vec![a, b, d];
+        want.sort();
+        assert_eq!(v2.members, want);
+        let to = |dev: &DeviceSecret| v2.keys_for(&dev.device_id()).any(|k| k.epoch == epoch1);
+        assert!(to(&dave) && to(&f.bob) && to(&f.alice));
+        assert!(!to(&carol));
+        // A change the winner made already is dropped.
+        let same = rebase_changes(
+            std::slice::from_ref(&bobs_v1),
+            &[v0.clone(), bobs_v1.clone()],
+            &f.alice,
+            a,
+            &keys,
+            &devices,
+            &mut f.rng,
+        )
+        .unwrap();
+        assert!(same.is_empty());
+    }
+
+    #[test]
+    fn a_member_opens_keys_and_label() {
+        let mut f = fixture();
+        let mut keyring = Keyring::default();
+        let (addr, update) = create(&mut f, &mut keyring);
+        let decoded = GroupUpdate::decode(&update.encode()).unwrap();
+        assert_eq!(decoded, update);
+        decoded.verify_signature().unwrap();
+        decoded.check_follows(None).unwrap();
+        let mut bobs = Keyring::default();
+        for k in decoded.keys_for(&f.bob.device_id()) {
+            bobs.absorb(k, &f.bob).unwrap();
+        }
+        assert_eq!(decoded.open_label(&bobs).unwrap(), addr);
+        assert!(decoded.is_member(&f.bob_log.account()));
+    }
+
+    #[test]
+    fn tampering_and_wrong_chains_are_refused() {
+        let mut f = fixture();
+        let mut keyring = Keyring::default();
+        let (_, update) = create(&mut f, &mut keyring);
+        let mut forged = update.clone();
+        forged.members.pop();
+        assert!(matches!(
+            forged.verify_signature(),
+            Err(GroupError::BadSignature(_))
+        ));
+        let mut skip = update.clone();
+        skip.version = 2;
+        assert!(matches!(
+            skip.check_follows(Some(&update)),
+            Err(GroupError::OutOfOrder { expected: 1, .. })
+        ));
+        // A stranger cannot create a group it is not in, nor change one.
+        let stranger = DeviceSecret::generate(&mut f.rng);
+        let stranger_log = DeviceLog::create(&stranger, "s", "test").unwrap();
+        let next = GroupUpdate::sign(
+            &stranger,
+            stranger_log.account(),
+            update.group,
+            1,
+            vec![stranger_log.account()],
+            vec![],
+            update.label.clone(),
+        )
+        .unwrap();
+        assert!(matches!(
+            next.check_follows(Some(&update)),
+            Err(GroupError::NotMember { .. })
+        ));
+        // A label copied from another group does not open.
+        let other = DocAddr::Meta(ConversationId::from_bytes([8; 16])).doc_id();
+        let mut moved = update.clone();
+        moved.group = other;
+        moved.keys.clear();
+        assert!(matches!(
+            moved.open_label(&keyring),
+            Err(GroupError::MissingLabelKey { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut f = fixture();
+        let mut keyring = Keyring::default();
+        let (_, update) = create(&mut f, &mut keyring);
+        let bytes = update.encode();
+        for cut in 0..bytes.len() {
+            assert!(GroupUpdate::decode(&bytes[..cut]).is_err());
+        }
+        let mut bad = bytes.clone();
+        bad[0] = 9;
+        assert!(matches!(
+            GroupUpdate::decode(&bad),
+            Err(GroupError::UnsupportedVersion { version: 9 })
+        ));
+    }
 }
