@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::engine::conn::{
-    BACKOFF_RESET_AFTER_MS, CONNECT_TIMEOUT_MS, Meters, Traffic, backoff_ms, jitter, pump,
+    BACKOFF_RESET_AFTER_MS, CONNECT_TIMEOUT_MS, Meters, REFUSED_CLOSE_CODE, Traffic, backoff_ms,
+    jitter, pump,
 };
 use crate::engine::worker::{Input, NetEvent, Outgoing};
 use crate::ids::DeviceId;
@@ -118,12 +119,25 @@ async fn session(
         |bytes| Input::Net(NetEvent::PeerDatagram { link, bytes }),
     )
     .await;
-    let reason = match (&result, conn.close_reason()) {
+    let closed = conn.close_reason();
+    let refused = match &closed {
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(REFUSED_CLOSE_CODE) =>
+        {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
+    };
+    let reason = match (&result, closed) {
         (_, Some(closed)) => closed.to_string(),
         (Err(e), None) => e.to_string(),
         (Ok(()), None) => "closed".to_owned(),
     };
-    let _ = worker.send(Input::Net(NetEvent::PeerGone { link, reason }));
+    let _ = worker.send(Input::Net(NetEvent::PeerGone {
+        link,
+        reason,
+        refused,
+    }));
     result
 }
 

@@ -115,7 +115,12 @@ pub(crate) enum NetEvent {
         traffic: Arc<Traffic>,
     },
     /// A direct connection ended.
-    PeerGone { link: u64, reason: String },
+    PeerGone {
+        link: u64,
+        reason: String,
+        /// The peer closed the connection refusing this device, for this reason.
+        refused: Option<String>,
+    },
     /// A message arrived on a direct connection.
     PeerMessage {
         link: u64,

@@ -39,6 +39,8 @@ pub(crate) struct Peer {
     asked: HashSet<DocId>,
     pub progress: CatchUpProgress,
     progress_ms: u64,
+    /// Whether it told why it refused this device (an `Error` before closing).
+    heard_refusal: bool,
 }
 
 /// A `PeerSync` being answered: the documents still to answer.
@@ -126,14 +128,24 @@ impl Worker {
                 asked: HashSet::new(),
                 progress: CatchUpProgress::default(),
                 progress_ms: 0,
+                heard_refusal: false,
             },
         );
         self.emit_status();
     }
 
-    pub(super) fn on_peer_gone(&mut self, link: u64, reason: &str) {
+    /// A direct connection ended; `refused` holds the reason when the peer closed it refusing
+    /// this device. The close can overtake the `Error` sent just before it, so the app hears
+    /// of the refusal either way, once.
+    pub(super) fn on_peer_gone(&mut self, link: u64, reason: &str, refused: Option<String>) {
         if let Some(p) = self.peers.remove(&link) {
             tracing::debug!(link, device = ?p.device, reason, "direct connection ended");
+            if let (Some(reason), false) = (refused, p.heard_refusal) {
+                self.emit(Event::PeerRefused {
+                    device: p.device,
+                    reason,
+                });
+            }
             self.emit_status();
         }
     }
@@ -184,8 +196,12 @@ impl Worker {
             } => self.on_direct_pair_join(link, req, rendezvous, request),
             Message::Error { code, text, .. } => {
                 tracing::info!(link, ?code, %text, "direct peer reported an error");
+                let device = peer.device;
+                if let Some(p) = self.peers.get_mut(&link) {
+                    p.heard_refusal = true;
+                }
                 self.emit(Event::PeerRefused {
-                    device: peer.device,
+                    device,
                     reason: text,
                 });
             }

@@ -78,7 +78,11 @@ impl Worker {
                 out,
                 traffic,
             } => self.on_peer_connected(link, device, addr, inbound, out, traffic),
-            NetEvent::PeerGone { link, reason } => self.on_peer_gone(link, &reason),
+            NetEvent::PeerGone {
+                link,
+                reason,
+                refused,
+            } => self.on_peer_gone(link, &reason, refused),
             NetEvent::PeerMessage { link, msg, .. } => self.on_peer_message(link, *msg),
             NetEvent::PeerDatagram { link, bytes } => {
                 if !self.on_datagram(&bytes) {
