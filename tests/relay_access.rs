@@ -202,6 +202,8 @@ async fn the_relay_database_holds_no_plaintext() {
     let m = a.send(&chat, markers[1]).await.unwrap();
     a.edit(&chat, &m, markers[2]).await.unwrap();
     a.set_draft(&chat, markers[3]).await.unwrap();
+    // B reacts to a message it holds.
+    until_history(&b, &chat, 1).await;
     b.react(&chat, &m, markers[4], true).await.unwrap();
     a.set_typing(&chat, true).await.unwrap();
     until_uploaded(&a).await;
