@@ -99,7 +99,7 @@ pub(crate) struct Device {
     pub replica: Replica,
     pub sealed: BTreeMap<DocAddr, u64>,
     pub outbox: BTreeMap<u64, OutItem>,
-    next_outbox: u64,
+    pub(super) next_outbox: u64,
     stored: Stored,
     /// The connection to the relay, if any (memory only).
     pub link: Option<u64>,
@@ -126,6 +126,8 @@ pub(crate) struct Device {
     pub refused: Vec<String>,
     /// Whether the workload may have this device sign group updates.
     pub may_sign_groups: bool,
+    /// Direct sync with other devices (`sim/peers.rs`).
+    pub direct: super::peers::PeerState,
 }
 
 /// The group whose key seals `addr`: a segment belongs to its conversation's meta document.
@@ -200,6 +202,7 @@ impl Device {
             rng,
             refused: Vec::new(),
             may_sign_groups: true,
+            direct: Default::default(),
         };
         d.commit();
         d
@@ -241,6 +244,7 @@ impl Device {
             }
         }
         self.seal_new();
+        self.commit_direct();
         let cursors: Vec<(crate::ids::DocId, u64)> = self
             .replica
             .docs()
@@ -329,6 +333,7 @@ impl Device {
         self.sealed = s.sealed.clone();
         self.outbox = s.outbox.clone();
         self.next_outbox = s.next_outbox;
+        self.crash_direct();
         self.session = Session::new(s.cursors.clone());
         self.link = None;
         self.stage = Stage::Greeting;

@@ -15,8 +15,10 @@
 mod check;
 mod device;
 mod devices;
+mod direct;
 mod malice;
 mod ops;
+mod peers;
 mod proto;
 mod relay;
 mod rng;
@@ -76,6 +78,11 @@ pub(crate) struct Config {
     /// seeds: a linked device can miss a conversation's key for good (see docs/TESTING.md,
     /// "Findings").
     pub link_per_mille: u64,
+    /// Per-mille chance, per step of the chaos phase, that a direct link is dialled
+    /// ([`direct`]).
+    pub direct_per_mille: u64,
+    /// Steps of the chaos phase (from, to) during which the relay is unreachable.
+    pub relay_outage: Option<(u64, u64)>,
 }
 
 impl Default for Config {
@@ -91,6 +98,8 @@ impl Default for Config {
             strict: false,
             linked_sign_groups: false,
             link_per_mille: 0,
+            direct_per_mille: direct::DIRECT_PER_MILLE,
+            relay_outage: None,
         }
     }
 }
@@ -109,6 +118,12 @@ pub(crate) struct Stats {
     pub links: u64,
     pub revokes: u64,
     pub heal_steps: u64,
+    /// Direct links dialled.
+    pub direct_links: u64,
+    /// Direct links cut by a fault.
+    pub direct_cut: u64,
+    /// Envelopes sent over direct links.
+    pub direct_envelopes: u64,
 }
 
 /// A finished run.
@@ -142,6 +157,7 @@ struct World {
     links: BTreeMap<u64, Link>,
     next_link: u64,
     partitioned_until: Vec<u64>,
+    direct: direct::Direct,
     trace: blake3::Hasher,
     done: Vec<(usize, Done)>,
     stats: Stats,
@@ -298,6 +314,7 @@ impl World {
             links: BTreeMap::new(),
             next_link: 1,
             partitioned_until: vec![0; n],
+            direct: direct::Direct::default(),
             trace: blake3::Hasher::new(),
             done: Vec::new(),
             stats: Stats::default(),
@@ -318,8 +335,12 @@ impl World {
             self.route(net);
         }
         self.deliver_down();
+        self.deliver_direct();
         if chaos {
+            self.relay_outage();
             self.faults();
+            self.direct_faults();
+            self.maybe_dial();
             if self.rng.chance(self.cfg.op_per_mille) {
                 self.operation();
             }
@@ -327,6 +348,7 @@ impl World {
         for d in 0..self.devices.len() {
             self.maybe_connect(d);
             self.devices[d].tick(self.now);
+            self.devices[d].tick_direct();
             self.flush(d);
         }
         self.note_durable_revocations();
@@ -352,6 +374,7 @@ impl World {
             }
         }
         self.partitioned_until.iter_mut().for_each(|p| *p = 0);
+        self.heal_direct();
         self.relay_down_until = 0;
         let mut quiet = 0;
         for i in 0..MAX_HEAL_STEPS {
@@ -364,6 +387,7 @@ impl World {
                     .links
                     .values()
                     .all(|l| l.up.is_empty() && l.down.is_empty())
+                && self.direct_settled()
                 && !self.relay.has_pending();
             quiet = if settled { quiet + 1 } else { 0 };
             if quiet >= 3 {
@@ -504,6 +528,7 @@ impl World {
 
     /// Moves what a device queued onto its link, and drops the link if it asked to.
     fn flush(&mut self, d: usize) {
+        self.flush_direct(d);
         let out = std::mem::take(&mut self.devices[d].out);
         if let Some(id) = self.devices[d].link {
             for msg in out {
@@ -609,7 +634,8 @@ impl World {
                 self.devices[link.device].on_disconnected(self.now, jitter);
             }
             self.relay.crash();
-            self.relay_down_until = self.now + self.rng.range(10, 1_000);
+            let until = self.now + self.rng.range(10, 1_000);
+            self.relay_down_until = self.relay_down_until.max(until);
         }
     }
 
@@ -622,6 +648,7 @@ impl World {
         if let Some(id) = self.devices[d].link {
             self.cut(id);
         }
+        self.cut_direct_of(d);
         self.devices[d].crash();
         self.devices[d].next_connect_ms = self.now + self.rng.range(10, 500);
     }
