@@ -197,7 +197,7 @@ impl World {
         let Some(&t) = self.rng.pick(&targets) else {
             return;
         };
-        if !self.is_live_device(d) {
+        if !self.is_live_device(d) || !self.may_revoke(t) {
             return;
         }
         let target = self.devices[t].device();

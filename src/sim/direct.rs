@@ -107,7 +107,11 @@ impl World {
             .links
             .values()
             .any(|l| (l.a, l.b) == (a, b) || (l.a, l.b) == (b, a));
-        let up = |d: usize| self.devices[d].is_current() && !self.isolated(d);
+        let up = |d: usize| {
+            self.devices[d].is_current()
+                && !self.isolated(d)
+                && (self.cfg.direct_revoked || !self.revoked.contains_key(&d))
+        };
         if a == b || linked || !up(a) || !up(b) || !self.may_dial(a, b) {
             return;
         }
@@ -203,6 +207,26 @@ impl World {
             }
             self.cut_direct_of(d);
         }
+    }
+
+    /// Unless the run lets revoked devices keep syncing directly, a device's direct links end
+    /// when it is revoked, and it dials none (see docs/TESTING.md, "Findings").
+    pub(super) fn cut_revoked_direct(&mut self) {
+        if self.cfg.direct_revoked {
+            return;
+        }
+        let revoked: Vec<usize> = self.revoked.keys().copied().collect();
+        for d in revoked {
+            self.cut_direct_of(d);
+        }
+    }
+
+    /// Whether the workload may revoke `t` now: unless the run lets revoked devices sync
+    /// directly, only once everything `t` made is at the relay (it is settled). What a device
+    /// gave only to peers before its revocation stays on them: the relay refuses it when they
+    /// pass it on, and only a group update's signer posts it (see docs/TESTING.md, "Findings").
+    pub(super) fn may_revoke(&self, t: usize) -> bool {
+        self.cfg.direct_revoked || self.devices[t].settled()
     }
 
     /// Ends the full partitions (the heal phase).
