@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::wire::message::Message;
 
 use super::peers::PeerOut;
-use super::{Config, START_MS, STEP_MS, World};
+use super::{START_MS, STEP_MS, World};
 
 /// Direct links open at once, at most.
 pub(crate) const MAX_DIRECT_LINKS: usize = 6;
@@ -52,14 +52,6 @@ impl Direct {
         self.links
             .values()
             .all(|l| l.to_a.is_empty() && l.to_b.is_empty())
-    }
-}
-
-impl Config {
-    /// Whether step `step` of the chaos phase falls in the relay outage.
-    pub(super) fn in_outage(&self, step: u64) -> bool {
-        self.relay_outage
-            .is_some_and(|(from, to)| (from..to).contains(&step))
     }
 }
 
@@ -329,7 +321,29 @@ impl World {
     }
 }
 
+/// Steps of quiet on the direct links after which the relay outage's direct heal ends.
+const DIRECT_QUIET_STEPS: u32 = 20;
+
 impl World {
+    /// The relay outage's heal: faults and workload stop and partitions end, but the relay
+    /// stays unreachable; every pair of devices that would accept each other is linked, and
+    /// steps run until nothing moves on the direct links for [`DIRECT_QUIET_STEPS`] steps.
+    pub(super) fn direct_heal(&mut self) -> Result<(), String> {
+        self.relay_down_until = u64::MAX;
+        self.partitioned_until.iter_mut().for_each(|p| *p = 0);
+        self.heal_direct();
+        let mut quiet = 0;
+        for _ in 0..super::MAX_HEAL_STEPS {
+            self.dial_all();
+            self.step(false)?;
+            quiet = if self.direct_settled() { quiet + 1 } else { 0 };
+            if quiet >= DIRECT_QUIET_STEPS {
+                return Ok(());
+            }
+        }
+        Err("the direct links did not settle while the relay was unreachable".into())
+    }
+
     /// Whether nothing moves on the direct links: no message in flight, no `PeerSync` open.
     pub(super) fn direct_settled(&self) -> bool {
         self.direct.idle() && self.devices.iter().all(|d| d.direct.quiet())

@@ -7,7 +7,11 @@
 //! ([`relay`]); each device is a sans-IO client around the real `Replica`, crypto core and the
 //! engine's `Session` ([`device`], [`proto`]); every message between them is encoded and
 //! decoded with the real wire codec. A run has a chaos phase (workload and faults), then a heal
-//! phase (no faults, until nothing moves), then the checks ([`check`]). The trace hash (blake3
+//! phase (no faults, until nothing moves), then the checks ([`check`]). Devices also sync
+//! directly over links that bypass the relay ([`direct`] for the links, [`peers`] for the
+//! engine's peer protocol on the device); a relay partition leaves those links up, a full
+//! partition cuts them too, and a run may make the relay unreachable for a stretch
+//! ([`Config::relay_outage`]) so that only they carry the traffic. The trace hash (blake3
 //! over every delivered message and every operation) must be the same for the same seed.
 //!
 //! See `docs/TESTING.md` for the fault model, how to replay a seed and what is not covered.
@@ -216,6 +220,10 @@ pub(crate) fn run(seed: u64, cfg: &Config) -> Result<Report, String> {
     let mut w = World::new(seed, cfg.clone());
     for _ in 0..cfg.chaos_steps {
         w.step(true)?;
+    }
+    if cfg.relay_outage.is_some() {
+        w.direct_heal()?;
+        check::after_direct_heal(&w)?;
     }
     w.heal()?;
     if let Some(v) = w.violations.first() {

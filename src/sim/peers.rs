@@ -82,6 +82,9 @@ pub(crate) struct PeerState {
     /// knew then (logs and groups): asked again once that changed.
     blocked: BTreeSet<DocId>,
     blocked_mark: usize,
+    /// What the device knew (logs, groups, documents) when it last asked its peers: nothing
+    /// new to ask about while it is the same.
+    synced_mark: usize,
     /// Counters for the report: envelopes received over direct links, peers refused.
     pub envelopes_received: u64,
     pub refusals: u64,
@@ -419,8 +422,13 @@ impl Device {
     /// Answers a `PeerSync` at once: per document the peer may see, the archived envelopes
     /// past its vector that continue each writer's sequence, then `Done`.
     fn on_peer_sync(&mut self, link: u64, req: u32, docs: Vec<DocVersion>) {
+        let addrs: BTreeMap<DocId, DocAddr> = self
+            .synced_docs()
+            .into_iter()
+            .map(|(a, _)| (a.doc_id(), a))
+            .collect();
         for d in docs {
-            let Some(addr) = self.addr_of(&d.doc) else {
+            let Some(addr) = addrs.get(&d.doc).copied() else {
                 continue;
             };
             if !self.peer_shares(link, &addr) {
@@ -593,6 +601,7 @@ impl Device {
             }
         }
         self.direct.outbox_mark = self.next_outbox;
+        self.forget_blocked_of_left_groups();
         self.drop_revoked_peers();
         self.announce_groups();
         self.announce_own_log();
@@ -630,6 +639,36 @@ impl Device {
         d.blocked.clear();
         d.archive = d.stored_archive.clone();
         d.outbox_mark = self.next_outbox;
+    }
+
+    /// Documents of a group this account is no longer a member of are not waited for: their
+    /// envelopes (of an epoch after the removal, pushed before the relay took the removal in)
+    /// will never open. Without this a removed member's device kept them blocked for good and
+    /// never counted as settled.
+    fn forget_blocked_of_left_groups(&mut self) {
+        let account = self.account();
+        let left: Vec<DocId> = self
+            .blocked_mut()
+            .keys()
+            .copied()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter(|doc| {
+                // A meta document's id is its group's; a segment's group is its meta document's.
+                let group = if self.groups.contains_key(doc) {
+                    Some(*doc)
+                } else {
+                    self.addr_of(doc).map(|a| group_of(&a))
+                };
+                group
+                    .and_then(|g| self.groups.get(&g))
+                    .and_then(|g| g.latest())
+                    .is_some_and(|u| !u.is_member(&account))
+            })
+            .collect();
+        for doc in left {
+            self.blocked_mut().remove(&doc);
+        }
     }
 
     /// Peers no longer current in this device's copies of the logs are refused; a device no
@@ -715,7 +754,13 @@ impl Device {
         let mark = self.logs.values().map(DeviceLog::len).sum::<usize>()
             + self.log.len()
             + self.groups.values().map(|g| g.updates.len()).sum::<usize>();
-        if !self.direct.blocked.is_empty() && mark != self.direct.blocked_mark {
+        let synced = mark + self.replica.docs().len();
+        let retry = !self.direct.blocked.is_empty() && mark != self.direct.blocked_mark;
+        if !retry && synced == self.direct.synced_mark {
+            return;
+        }
+        self.direct.synced_mark = synced;
+        if retry {
             self.direct.blocked_mark = mark;
             let blocked = std::mem::take(&mut self.direct.blocked);
             for p in self.direct.peers.values_mut() {
