@@ -20,9 +20,9 @@ use super::peers::PeerOut;
 use super::{START_MS, STEP_MS, World};
 
 /// Direct links open at once, at most.
-pub(crate) const MAX_DIRECT_LINKS: usize = 6;
+pub(crate) const MAX_DIRECT_LINKS: usize = 4;
 /// Per-mille chance, per step, that a direct link is dialled (the default).
-pub(crate) const DIRECT_PER_MILLE: u64 = 40;
+pub(crate) const DIRECT_PER_MILLE: u64 = 20;
 
 /// One direct link: `a` dialled `b`.
 #[derive(Debug, Default)]
@@ -246,7 +246,7 @@ impl World {
                 }
                 PeerOut::Message(msg) => {
                     self.check_revoked_served_directly(d, other, &msg);
-                    if let Message::Envelopes { items, .. } = &msg {
+                    if let Message::Envelopes { items, .. } = &*msg {
                         self.stats.direct_envelopes += items.len() as u64;
                     }
                     let delay = self.delay();
@@ -270,10 +270,7 @@ impl World {
         let ids: Vec<u64> = self.direct.links.keys().copied().collect();
         for id in ids {
             for to_b in [true, false] {
-                loop {
-                    let Some(l) = self.direct.links.get_mut(&id) else {
-                        break;
-                    };
+                while let Some(l) = self.direct.links.get_mut(&id) {
                     let q = if to_b { &mut l.to_b } else { &mut l.to_a };
                     if q.front().is_none_or(|(t, _)| *t > self.now) {
                         break;

@@ -40,7 +40,7 @@ type Archive = BTreeMap<DocId, BTreeMap<(DeviceId, u64), (u64, Vec<u8>)>>;
 /// What a device sends on a direct link.
 #[derive(Debug)]
 pub(crate) enum PeerOut {
-    Message(Message),
+    Message(Box<Message>),
     /// Close the link once what was queued before is delivered.
     Close,
 }
@@ -118,7 +118,9 @@ impl Device {
             account: self.account(),
             entries: self.log.entries().to_vec(),
         };
-        self.direct.out.push((link, PeerOut::Message(hello)));
+        self.direct
+            .out
+            .push((link, PeerOut::Message(Box::new(hello))));
         self.direct.peers.insert(
             link,
             Peer {
@@ -139,7 +141,9 @@ impl Device {
 
     fn send_peer(&mut self, link: u64, msg: Message) {
         if self.direct.peers.contains_key(&link) {
-            self.direct.out.push((link, PeerOut::Message(msg)));
+            self.direct
+                .out
+                .push((link, PeerOut::Message(Box::new(msg))));
         }
     }
 
@@ -155,7 +159,9 @@ impl Device {
             code: ErrorCode::UNAUTHORISED,
             text: format!("refused: {reason}"),
         };
-        self.direct.out.push((link, PeerOut::Message(msg)));
+        self.direct
+            .out
+            .push((link, PeerOut::Message(Box::new(msg))));
         self.direct.out.push((link, PeerOut::Close));
     }
 
@@ -502,6 +508,10 @@ impl Device {
         let mut batches = Vec::new();
         let mut opened = Vec::new();
         for it in items {
+            if self.archived(&doc, &it.envelope) {
+                // Held already (the same bytes): nothing to open or pass on.
+                continue;
+            }
             match self.open_changes(&addr, &it.envelope) {
                 Ok(Some(batch)) => {
                     batches.push(batch);
@@ -559,6 +569,19 @@ impl Device {
                 );
             }
         }
+    }
+
+    /// Whether exactly these envelope bytes are archived.
+    fn archived(&self, doc: &DocId, bytes: &[u8]) -> bool {
+        let Ok(env) = SealedEnvelope::decode(bytes) else {
+            return false;
+        };
+        let h = &env.header;
+        self.direct
+            .archive
+            .get(doc)
+            .and_then(|rows| rows.get(&(h.author, h.first_seq)))
+            .is_some_and(|(_, b)| b == bytes)
     }
 
     /// Adds an envelope to the archive; whether it was new.

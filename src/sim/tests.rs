@@ -158,12 +158,10 @@ fn runs_exercise_the_faults() {
         total.direct_links += s.direct_links;
         total.direct_cut += s.direct_cut;
         total.direct_envelopes += s.direct_envelopes;
-        total.revokes += s.revokes;
     }
     assert!(total.direct_links > 20, "{total:?}");
     assert!(total.direct_cut > 5, "{total:?}");
     assert!(total.direct_envelopes > 100, "{total:?}");
-    assert!(total.revokes > 2, "{total:?}");
     assert!(total.sends > 100, "{total:?}");
     assert!(total.device_crashes > 5, "{total:?}");
     assert!(total.relay_crashes > 2, "{total:?}");
@@ -172,7 +170,7 @@ fn runs_exercise_the_faults() {
 }
 
 /// Seeds of the relay outage test.
-const OUTAGE_SEEDS: u64 = 12;
+const OUTAGE_SEEDS: u64 = 8;
 
 /// The relay is unreachable from step 20 to the end of a longer chaos phase: direct links
 /// carry the traffic, and once they are quiet (the relay still unreachable) every device that
@@ -180,8 +178,8 @@ const OUTAGE_SEEDS: u64 = 12;
 #[test]
 fn direct_links_carry_the_traffic_while_the_relay_is_unreachable() {
     let cfg = Config {
-        chaos_steps: 400,
-        relay_outage: Some((20, 400)),
+        chaos_steps: 300,
+        relay_outage: Some((20, 300)),
         direct_per_mille: 150,
         ..Config::default()
     };
