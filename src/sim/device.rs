@@ -99,7 +99,7 @@ pub(crate) struct Device {
     pub replica: Replica,
     pub sealed: BTreeMap<DocAddr, u64>,
     pub outbox: BTreeMap<u64, OutItem>,
-    next_outbox: u64,
+    pub(super) next_outbox: u64,
     stored: Stored,
     /// The connection to the relay, if any (memory only).
     pub link: Option<u64>,
@@ -137,6 +137,8 @@ pub(crate) struct Device {
     /// Updates posted only to wrap keys again, and membership changes made again, counted.
     pub rewraps_posted: u64,
     pub rebased: u64,
+    /// Direct sync with other devices (`sim/peers.rs`).
+    pub direct: super::peers::PeerState,
 }
 
 /// The group whose key seals `addr`: a segment belongs to its conversation's meta document.
@@ -216,6 +218,7 @@ impl Device {
             rebase: BTreeMap::new(),
             rewraps_posted: 0,
             rebased: 0,
+            direct: Default::default(),
         };
         d.commit();
         d
@@ -257,6 +260,7 @@ impl Device {
             }
         }
         self.seal_new();
+        self.commit_direct();
         let cursors: Vec<(crate::ids::DocId, u64)> = self
             .replica
             .docs()
@@ -345,6 +349,7 @@ impl Device {
         self.sealed = s.sealed.clone();
         self.outbox = s.outbox.clone();
         self.next_outbox = s.next_outbox;
+        self.crash_direct();
         self.session = Session::new(s.cursors.clone());
         self.link = None;
         self.stage = Stage::Greeting;

@@ -180,7 +180,7 @@ impl World {
         let targets: Vec<usize> = devs
             .iter()
             .copied()
-            .filter(|t| *t != d && self.devices[*t].is_current())
+            .filter(|t| *t != d && self.devices[*t].is_current() && self.may_revoke(*t))
             .collect();
         let Some(&t) = self.rng.pick(&targets) else {
             return;

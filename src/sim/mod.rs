@@ -7,7 +7,11 @@
 //! ([`relay`]); each device is a sans-IO client around the real `Replica`, crypto core and the
 //! engine's `Session` ([`device`], [`proto`]); every message between them is encoded and
 //! decoded with the real wire codec. A run has a chaos phase (workload and faults), then a heal
-//! phase (no faults, until nothing moves), then the checks ([`check`]). The trace hash (blake3
+//! phase (no faults, until nothing moves), then the checks ([`check`]). Devices also sync
+//! directly over links that bypass the relay ([`direct`] for the links, [`peers`] for the
+//! engine's peer protocol on the device); a relay partition leaves those links up, a full
+//! partition cuts them too, and a run may make the relay unreachable for a stretch
+//! ([`Config::relay_outage`]) so that only they carry the traffic. The trace hash (blake3
 //! over every delivered message and every operation) must be the same for the same seed.
 //!
 //! See `docs/TESTING.md` for the fault model, how to replay a seed and what is not covered.
@@ -15,8 +19,10 @@
 mod check;
 mod device;
 mod devices;
+mod direct;
 mod malice;
 mod ops;
+mod peers;
 mod proto;
 mod relay;
 mod rng;
@@ -71,6 +77,15 @@ pub(crate) struct Config {
     pub strict: bool,
     /// Per-mille chance that a workload operation links a new device.
     pub link_per_mille: u64,
+    /// Per-mille chance, per step of the chaos phase, that a direct link is dialled
+    /// ([`direct`]).
+    pub direct_per_mille: u64,
+    /// Steps of the chaos phase (from, to) during which the relay is unreachable.
+    pub relay_outage: Option<(u64, u64)>,
+    /// Revoked devices keep their direct links and dial others. Off in the fixed seeds: a
+    /// peer that does not know of the revocation yet accepts the revoked device's changes,
+    /// which the relay refuses when they are passed on (see docs/TESTING.md, "Findings").
+    pub direct_revoked: bool,
 }
 
 impl Default for Config {
@@ -85,6 +100,9 @@ impl Default for Config {
             malice: None,
             strict: false,
             link_per_mille: devices::LINK_PER_MILLE,
+            direct_per_mille: direct::DIRECT_PER_MILLE,
+            relay_outage: None,
+            direct_revoked: false,
         }
     }
 }
@@ -107,6 +125,12 @@ pub(crate) struct Stats {
     /// Membership changes made again after losing their version.
     pub rebased: u64,
     pub heal_steps: u64,
+    /// Direct links dialled.
+    pub direct_links: u64,
+    /// Direct links cut by a fault.
+    pub direct_cut: u64,
+    /// Envelopes sent over direct links.
+    pub direct_envelopes: u64,
 }
 
 /// A finished run.
@@ -140,6 +164,7 @@ struct World {
     links: BTreeMap<u64, Link>,
     next_link: u64,
     partitioned_until: Vec<u64>,
+    direct: direct::Direct,
     trace: blake3::Hasher,
     done: Vec<(usize, Done)>,
     stats: Stats,
@@ -195,6 +220,10 @@ pub(crate) fn run(seed: u64, cfg: &Config) -> Result<Report, String> {
     let mut w = World::new(seed, cfg.clone());
     for _ in 0..cfg.chaos_steps {
         w.step(true)?;
+    }
+    if cfg.relay_outage.is_some() {
+        w.direct_heal()?;
+        check::after_direct_heal(&w)?;
     }
     w.heal()?;
     if let Some(v) = w.violations.first() {
@@ -300,6 +329,7 @@ impl World {
             links: BTreeMap::new(),
             next_link: 1,
             partitioned_until: vec![0; n],
+            direct: direct::Direct::default(),
             trace: blake3::Hasher::new(),
             done: Vec::new(),
             stats: Stats::default(),
@@ -322,8 +352,13 @@ impl World {
             self.route(net);
         }
         self.deliver_down();
+        self.deliver_direct();
         if chaos {
+            self.relay_outage();
             self.faults();
+            self.direct_faults();
+            self.maybe_dial();
+            self.cut_revoked_direct();
             if self.rng.chance(self.cfg.op_per_mille) {
                 self.operation();
             }
@@ -331,6 +366,7 @@ impl World {
         for d in 0..self.devices.len() {
             self.maybe_connect(d);
             self.devices[d].tick(self.now);
+            self.devices[d].tick_direct();
             self.flush(d);
         }
         self.note_durable_revocations();
@@ -356,6 +392,7 @@ impl World {
             }
         }
         self.partitioned_until.iter_mut().for_each(|p| *p = 0);
+        self.heal_direct();
         self.relay_down_until = 0;
         let mut quiet = 0;
         for i in 0..MAX_HEAL_STEPS {
@@ -368,6 +405,7 @@ impl World {
                     .links
                     .values()
                     .all(|l| l.up.is_empty() && l.down.is_empty())
+                && self.direct_settled()
                 && !self.relay.has_pending();
             quiet = if settled { quiet + 1 } else { 0 };
             if quiet >= 3 {
@@ -517,6 +555,7 @@ impl World {
 
     /// Moves what a device queued onto its link, and drops the link if it asked to.
     fn flush(&mut self, d: usize) {
+        self.flush_direct(d);
         let out = std::mem::take(&mut self.devices[d].out);
         if let Some(id) = self.devices[d].link {
             for msg in out {
@@ -622,7 +661,8 @@ impl World {
                 self.devices[link.device].on_disconnected(self.now, jitter);
             }
             self.relay.crash();
-            self.relay_down_until = self.now + self.rng.range(10, 1_000);
+            let until = self.now + self.rng.range(10, 1_000);
+            self.relay_down_until = self.relay_down_until.max(until);
         }
     }
 
@@ -635,6 +675,7 @@ impl World {
         if let Some(id) = self.devices[d].link {
             self.cut(id);
         }
+        self.cut_direct_of(d);
         self.devices[d].crash();
         self.devices[d].next_connect_ms = self.now + self.rng.range(10, 500);
     }

@@ -14,7 +14,7 @@ use crate::wire::message::{Message, StoredEnvelope};
 use super::device::{Device, GroupKeys, MAX_BLOCKED_RETRIES, Stage, group_of};
 
 /// Why an envelope was not applied.
-enum OpenError {
+pub(super) enum OpenError {
     /// The author's log or the epoch's key may still arrive.
     NotYet(String),
     /// Refused for good.
@@ -170,12 +170,19 @@ impl Device {
                 // meanwhile. Anything else is offered again a second later.
                 let group = self.outbox.get(&(outbox as u64)).map(|o| o.group);
                 let account = self.account();
-                let removed = group.is_some_and(|g| {
-                    self.groups
-                        .get(&g)
-                        .and_then(|g| g.latest())
-                        .is_some_and(|u| !u.is_member(&account))
-                });
+                // Another device's envelope passed on from a peer whose author the relay does not
+                // accept (revoked, or never a member as the relay knows): never taken.
+                let forwarded = self
+                    .outbox
+                    .get(&(outbox as u64))
+                    .is_some_and(|o| o.envelope.header.author != self.device());
+                let removed = forwarded
+                    || group.is_some_and(|g| {
+                        self.groups
+                            .get(&g)
+                            .and_then(|g| g.latest())
+                            .is_some_and(|u| !u.is_member(&account))
+                    });
                 if code == ErrorCode::REJECTED || (code == ErrorCode::UNAUTHORISED && removed) {
                     self.outbox.remove(&(outbox as u64));
                     self.refused.push(format!("append refused: {text}"));
@@ -279,8 +286,21 @@ impl Device {
         }
     }
 
-    /// Verifies and absorbs updates of `group`, as the engine does.
+    /// Absorbs updates of `group` from the relay, which holds the group.
     fn on_group_updates(&mut self, group: DocId, updates: Vec<GroupUpdate>) {
+        self.absorb_group_updates(group, updates, true);
+        self.relay_groups_mut().insert(group);
+        self.subscribe_new();
+    }
+
+    /// Verifies and absorbs updates of `group`, as the engine does, whoever delivers them
+    /// (`from_relay`: the relay, whose chain this device's own unconfirmed changes yield to).
+    pub(super) fn absorb_group_updates(
+        &mut self,
+        group: DocId,
+        updates: Vec<GroupUpdate>,
+        from_relay: bool,
+    ) {
         let me = self.device();
         let my_account = self.account();
         let mut absorbed = false;
@@ -293,9 +313,10 @@ impl Device {
                 // The relay's chain differs from this device's own unconfirmed changes: take
                 // them off and make them again, as the engine does.
                 let at = update.version as usize;
-                let forked = self.groups.get(&group).is_some_and(|g| {
-                    g.updates[at] != update && g.updates[at..].iter().all(|u| u.signer == me)
-                });
+                let forked = from_relay
+                    && self.groups.get(&group).is_some_and(|g| {
+                        g.updates[at] != update && g.updates[at..].iter().all(|u| u.signer == me)
+                    });
                 if !forked {
                     continue;
                 }
@@ -384,12 +405,13 @@ impl Device {
                 self.on_removed(group);
             }
         }
-        self.relay_groups_mut().insert(group);
-        if absorbed {
+        if absorbed && from_relay {
             self.rebase_group(group);
+        }
+        // Also when the relay sends what is held already: it may hold the group only now.
+        if absorbed || from_relay {
             self.rewrap_missing_keys(group);
         }
-        self.subscribe_new();
     }
 
     /// Wraps the group's keys to member devices the chain misses, as the engine does
@@ -596,10 +618,14 @@ impl Device {
         };
         let attempts = self.blocked_mut().get(&doc).copied().unwrap_or(0);
         let mut batches = Vec::new();
+        let mut opened = Vec::new();
         let mut not_yet = false;
         for it in &items {
             match self.open_changes(&addr, &it.envelope) {
-                Ok(Some(batch)) => batches.push(batch),
+                Ok(Some(batch)) => {
+                    batches.push(batch);
+                    opened.push(it.envelope.clone());
+                }
                 Ok(None) => {}
                 Err(OpenError::NotYet(_)) if attempts < MAX_BLOCKED_RETRIES => not_yet = true,
                 // A key the chain wraps to other devices: waits for its keeper, as the engine.
@@ -623,6 +649,9 @@ impl Device {
         if !batches.is_empty() {
             let local = self.local_ms(now_ms);
             let report = self.replica.apply(local, batches);
+            if report.rejected.is_empty() {
+                self.archive_accepted(&addr, opened, None);
+            }
             for (addr, e) in report.rejected {
                 self.refused.push(format!("batch of {addr:?}: {e}"));
             }
@@ -687,7 +716,11 @@ impl Device {
     }
 
     /// The engine's checks on an envelope (`worker/envelopes.rs::open_changes`).
-    fn open_changes(&self, addr: &DocAddr, bytes: &[u8]) -> Result<Option<ChangeBatch>, OpenError> {
+    pub(super) fn open_changes(
+        &self,
+        addr: &DocAddr,
+        bytes: &[u8],
+    ) -> Result<Option<ChangeBatch>, OpenError> {
         let refused = |e: String| OpenError::Refused(e);
         let env = SealedEnvelope::decode(bytes).map_err(|e| refused(e.to_string()))?;
         if env.header.kind != EnvelopeKind::Changes {

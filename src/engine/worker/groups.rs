@@ -154,7 +154,8 @@ impl Worker {
         if absorbed && relay.is_some() {
             self.rebase_group(group)?;
         }
-        if absorbed {
+        // Also when a relay sends what is held already: it may hold the group only now.
+        if absorbed || relay.is_some() {
             self.rewrap_missing_keys(group)?;
         }
         for addr in &new_docs {
