@@ -529,6 +529,21 @@ pub fn missing_wraps(
     Ok(wrapped)
 }
 
+/// Takes `me`'s own updates off a chain from version `at` on, when another device's update
+/// took version `at` at the relay; they are to be made again on the relay's chain
+/// ([`rebase_changes`]). `None`, and the chain unchanged, if it holds nothing at `at` or an
+/// update from there on is another device's (taken off already, or replaced by the relay's).
+pub fn take_off_own(
+    updates: &mut Vec<GroupUpdate>,
+    at: usize,
+    me: &DeviceId,
+) -> Option<Vec<GroupUpdate>> {
+    if at >= updates.len() || updates[at..].iter().any(|u| u.signer != *me) {
+        return None;
+    }
+    Some(updates.split_off(at))
+}
+
 /// This device's membership changes `mine`, refused because another device's update took their
 /// version, made again on top of `chain` (the relay's chain, fetched since; it holds the prefix
 /// `mine` followed): the same accounts added and removed; every epoch's key (of `keys`, the
@@ -813,6 +828,15 @@ mod tests {
             (c, vec![carol.public()]),
             (d, vec![dave.public()]),
         ]);
+        // Alice's own v1 comes off her chain; Bob's never does.
+        let alice_id = f.alice.device_id();
+        let mut alices_chain = vec![v0.clone(), alices_v1.clone()];
+        let mine = take_off_own(&mut alices_chain, 1, &alice_id).unwrap();
+        assert_eq!((mine, alices_chain.len()), (vec![alices_v1.clone()], 1));
+        let mut relays_chain = vec![v0.clone(), bobs_v1.clone()];
+        assert!(take_off_own(&mut relays_chain, 1, &alice_id).is_none());
+        assert!(take_off_own(&mut relays_chain, 2, &alice_id).is_none());
+        assert_eq!(relays_chain.len(), 2);
         let chain = vec![v0.clone(), bobs_v1.clone()];
         let again = rebase_changes(
             &[alices_v1],

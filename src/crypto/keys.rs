@@ -371,6 +371,14 @@ impl Keyring {
         self.docs.get(doc)?.iter().next_back().map(|(e, k)| (*e, k))
     }
 
+    /// Every epoch's key of `doc`, oldest first (what is wrapped to a device that joins it).
+    pub fn epochs(&self, doc: &DocId) -> Vec<(KeyEpoch, DocKey)> {
+        self.docs
+            .get(doc)
+            .map(|epochs| epochs.iter().map(|(e, k)| (*e, k.clone())).collect())
+            .unwrap_or_default()
+    }
+
     /// Every key, by document then epoch: what a device persists (sealed at rest).
     pub fn iter(&self) -> impl Iterator<Item = (&DocId, KeyEpoch, &DocKey)> {
         self.docs

@@ -2,7 +2,7 @@
 
 use crate::crypto::group::{GroupUpdate, SealedLabel};
 use crate::crypto::identity::DevicePublic;
-use crate::crypto::keys::{KeyEpoch, WrappedKey};
+use crate::crypto::keys::WrappedKey;
 use crate::ids::{AccountId, ConversationId, DocAddr, DocId, MessageId};
 use crate::model::{Draft, ListFlag};
 
@@ -232,12 +232,7 @@ impl Device {
         let account = *rng.pick(&candidates)?;
         let devices = self.current_devices(&[account]);
         self.replica.add_member(now, c, &account).ok()?;
-        let epochs: Vec<(KeyEpoch, crate::crypto::keys::DocKey)> = self
-            .keyring
-            .iter()
-            .filter(|(d, _, _)| **d == group)
-            .map(|(_, e, k)| (e, k.clone()))
-            .collect();
+        let epochs = self.keyring.epochs(&group);
         let mut wrapped = Vec::new();
         for d in &devices {
             for (epoch, key) in &epochs {

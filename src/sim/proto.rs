@@ -11,6 +11,8 @@ use crate::model::ChangeBatch;
 use crate::wire::frame::ErrorCode;
 use crate::wire::message::{Message, StoredEnvelope};
 
+use crate::crypto::group::take_off_own;
+
 use super::device::{Device, GroupKeys, MAX_BLOCKED_RETRIES, Stage, group_of};
 
 /// Why an envelope was not applied.
@@ -313,17 +315,18 @@ impl Device {
                 // The relay's chain differs from this device's own unconfirmed changes: take
                 // them off and make them again, as the engine does.
                 let at = update.version as usize;
-                let forked = from_relay
-                    && self.groups.get(&group).is_some_and(|g| {
-                        g.updates[at] != update && g.updates[at..].iter().all(|u| u.signer == me)
-                    });
-                if !forked {
+                let differs = self
+                    .groups
+                    .get(&group)
+                    .is_some_and(|g| g.updates[at] != update);
+                let mine = match self.groups.get_mut(&group) {
+                    Some(g) if from_relay && differs => take_off_own(&mut g.updates, at, &me),
+                    _ => None,
+                };
+                let Some(mine) = mine else {
                     continue;
-                }
-                if let Some(g) = self.groups.get_mut(&group) {
-                    let mine = g.updates.split_off(at);
-                    self.rebase.entry(group).or_default().extend(mine);
-                }
+                };
+                self.rebase.entry(group).or_default().extend(mine);
             }
             let have = self.groups.get(&group).map_or(0, |g| g.updates.len());
             if update.version as usize > have {
@@ -444,12 +447,7 @@ impl Device {
         if !latest.is_member(&self.account()) {
             return;
         }
-        let epochs: Vec<_> = self
-            .keyring
-            .iter()
-            .filter(|(d, _, _)| **d == group)
-            .map(|(_, e, k)| (e, k.clone()))
-            .collect();
+        let epochs = self.keyring.epochs(&group);
         let account = self.account();
         let logs: Vec<&DeviceLog> = latest
             .members
@@ -512,12 +510,11 @@ impl Device {
         if version == 0 {
             return false;
         }
-        if g.updates.len() <= at || g.updates[at..].iter().any(|u| u.signer != me) {
-            // Taken off already: by an earlier refusal of the same post, or replaced by the
-            // relay's chain when it was fetched or pushed.
+        // Nothing to take off: taken off already, by an earlier refusal of the same post or
+        // the relay's chain fetched or pushed since.
+        let Some(mine) = take_off_own(&mut g.updates, at, &me) else {
             return true;
-        }
-        let mine = g.updates.split_off(at);
+        };
         self.rebase.entry(group).or_default().extend(mine);
         self.fetch_group(group, version);
         true
@@ -546,12 +543,7 @@ impl Device {
             .into_iter()
             .map(|a| (a, self.current_devices(&[a])))
             .collect();
-        let keys: Vec<_> = self
-            .keyring
-            .iter()
-            .filter(|(d, _, _)| **d == group)
-            .map(|(_, e, k)| (e, k.clone()))
-            .collect();
+        let keys = self.keyring.epochs(&group);
         let again = crate::crypto::group::rebase_changes(
             &mine,
             &g.updates,

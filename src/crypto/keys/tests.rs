@@ -121,6 +121,13 @@ fn rotation_excludes_removed_devices() {
     assert!(bs.key(&DOC, e1).is_none());
     assert_ne!(ring.key(&DOC, e0), ring.key(&DOC, e1));
     assert_eq!(ring.latest(&DOC).map(|(e, _)| e), Some(e1));
+    let epochs = ring.epochs(&DOC);
+    assert_eq!(
+        epochs.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+        vec![e0, e1]
+    );
+    assert_eq!(Some(&epochs[1].1), ring.key(&DOC, e1));
+    assert!(ring.epochs(&DocId::from_bytes([9; 32])).is_empty());
     assert_eq!(
         ring.rotate(DOC, &[], &mut rng).unwrap_err(),
         KeysError::NoRecipients { doc: DOC }

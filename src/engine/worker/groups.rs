@@ -1,6 +1,7 @@
 //! Groups: verifying and absorbing updates, creating conversations, adding and removing members.
 
 use super::*;
+use crate::crypto::group::take_off_own;
 
 impl Worker {
     // ---- groups ------------------------------------------------------------------------------
@@ -38,17 +39,18 @@ impl Worker {
                 // offline while another device changed the group): take them off and make
                 // them again on the relay's chain (`rebase_group`).
                 let at = update.version as usize;
-                let forked = relay.is_some()
-                    && self.groups.get(&group).is_some_and(|g| {
-                        g.updates[at] != update && g.updates[at..].iter().all(|u| u.signer == me)
-                    });
-                if !forked {
+                let differs = self
+                    .groups
+                    .get(&group)
+                    .is_some_and(|g| g.updates[at] != update);
+                let mine = match (relay, self.groups.get_mut(&group)) {
+                    (Some(_), Some(g)) if differs => take_off_own(&mut g.updates, at, &me),
+                    _ => None,
+                };
+                let Some(mine) = mine else {
                     continue;
-                }
-                if let Some(g) = self.groups.get_mut(&group) {
-                    let mine = g.updates.split_off(at);
-                    self.rebase.entry(group).or_default().extend(mine);
-                }
+                };
+                self.rebase.entry(group).or_default().extend(mine);
             }
             let have = self.groups.get(&group).map_or(0, |g| g.updates.len());
             if update.version as usize > have {
@@ -200,12 +202,7 @@ impl Worker {
         if !latest.is_member(&account) {
             return Ok(());
         }
-        let epochs: Vec<(KeyEpoch, DocKey)> = self
-            .keyring
-            .iter()
-            .filter(|(d, _, _)| **d == group)
-            .map(|(_, e, k)| (e, k.clone()))
-            .collect();
+        let epochs = self.keyring.epochs(&group);
         let logs: Vec<&DeviceLog> = latest
             .members
             .iter()
@@ -325,15 +322,13 @@ impl Worker {
             tracing::warn!(?group, "a new group of this device was refused");
             return;
         }
-        if g.updates.len() <= at || g.updates[at..].iter().any(|u| u.signer != me) {
-            // Taken off already: by an earlier refusal of the same post, or replaced by the
-            // relay's chain when it was fetched or pushed (`on_group_updates`).
+        // Another device changed the group first: take this device's changes off the chain,
+        // fetch the relay's chain and make them again on top of it (`rebase_group`). Nothing
+        // to take off: an earlier refusal of the same post, or the relay's chain fetched or
+        // pushed since (`on_group_updates`), did it.
+        let Some(mine) = take_off_own(&mut g.updates, at, &me) else {
             return;
-        }
-        // Another device changed the group first: take this device's changes off the chain
-        // (not stored: after a restart they are posted, refused and taken off again), fetch
-        // the relay's chain and make them again on top of it (`rebase_group`).
-        let mine = g.updates.split_off(at);
+        };
         tracing::info!(
             ?group,
             version,
@@ -368,12 +363,7 @@ impl Worker {
             .into_iter()
             .filter_map(|a| self.current_devices(&[a]).ok().map(|d| (a, d)))
             .collect();
-        let keys: Vec<(KeyEpoch, DocKey)> = self
-            .keyring
-            .iter()
-            .filter(|(d, _, _)| **d == group)
-            .map(|(_, e, k)| (e, k.clone()))
-            .collect();
+        let keys = self.keyring.epochs(&group);
         let again = crate::crypto::group::rebase_changes(
             &mine,
             &g.updates,
@@ -570,12 +560,7 @@ impl Worker {
         let devices = self.current_devices(&[account])?;
         self.replica.add_member(now_ms(), c, &account)?;
         let mut wrapped = Vec::new();
-        let epochs: Vec<(KeyEpoch, DocKey)> = self
-            .keyring
-            .iter()
-            .filter(|(d, _, _)| **d == group)
-            .map(|(_, e, k)| (e, k.clone()))
-            .collect();
+        let epochs = self.keyring.epochs(&group);
         for d in &devices {
             for (epoch, key) in &epochs {
                 wrapped.push(crate::crypto::keys::WrappedKey::wrap(
